@@ -1,0 +1,1 @@
+"""Gaussian diffusion with learned sigma (the DiT paper's diffusion)."""

@@ -1,0 +1,1 @@
+"""Fused Triton kernels for DiT, installed as ``dit_fast.kernels``."""
