@@ -1,3 +1,11 @@
-"""dit-fast: fast, faithful Diffusion Transformers."""
+"""dit-fast: fast, faithful Diffusion Transformers (Peebles & Xie).
+
+- ``dit_fast.reference.DiT``: the paper's model in plain PyTorch (official state-dict layout).
+- ``dit_fast.gflops`` / ``dit_fast.param_count``: cost in the paper's convention; ``dit_fast.CONFIGS``: the zoo.
+"""
+
+from dit_fast.config import CONFIGS, DiTConfig, get_config, gflops, param_count
 
 __version__ = "0.1.0"
+
+__all__ = ["CONFIGS", "DiTConfig", "get_config", "gflops", "param_count", "__version__"]
