@@ -9,7 +9,7 @@
     guided = CFGModel(model, cfg_scale=1.5, null_class=1000)
     z = sampler.p_sample_loop(guided, (n, 4, 32, 32), clip_denoised=False, model_kwargs=dict(y=y), device="cuda")
     z = sampler.ddim_sample_loop(...)                       # DDIM over the respaced steps
-    z = create_diffusion("").dpm_solver_sample_loop(..., num_steps=20)   # DPM-Solver++(2M), 20 evaluations
+    z = create_diffusion("").dpm_solver_sample_loop(..., num_steps=20)  # DPM-Solver++(2M), 20 evaluations
 
 The model is any callable ``model(x, t, **model_kwargs)``; it always receives the original timestep indices
 0..diffusion_steps-1, whatever the respacing.

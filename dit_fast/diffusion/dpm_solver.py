@@ -10,8 +10,9 @@ where ``D`` is the model's x_0 prediction at s (first order: the DDIM step) or, 
 time s' exists, the extrapolation ``D = (1 + 1/(2r)) x0_s - 1/(2r) x0_s'`` with ``r = h_prev / h`` (second order).
 
 The solver here works on a discrete diffusion's own steps (``GaussianDiffusion.dpm_solver_sample_loop`` calls
-it): the model is evaluated at ``num_steps`` steps spread evenly from the noisiest step to step 0, and the last
-evaluation's x_0 prediction is the sample (a first-order step to alpha_bar = 1, exactly as the last DDIM step).
+it): the model is evaluated at ``num_steps`` of them, spread uniformly in lambda from the noisiest step to step 0,
+and the last evaluation's x_0 prediction is the sample (a first-order step to alpha_bar = 1, exactly as the last
+DDIM step).
 These helpers hold only the schedule arithmetic, in float64 on the host; the per-step work on tensors is two
 scalar multiply-adds.
 """
@@ -24,13 +25,31 @@ import numpy as np
 import torch
 
 
-def dpm_solver_step_indices(num_timesteps: int, num_steps: int) -> list[int]:
-    """The ``num_steps`` distinct step indices, from ``num_timesteps - 1`` down to 0, evenly spaced (rounded)."""
+def dpm_solver_step_indices(alphas_cumprod: np.ndarray, num_steps: int) -> list[int]:
+    """``num_steps`` distinct step indices, from the noisiest (``len(alphas_cumprod) - 1``) down to 0, with
+    half log-SNRs as evenly spaced as the discrete schedule allows.
+
+    Each index is the one whose lambda is nearest to its target on the uniform lambda grid, kept strictly below
+    the previous one and high enough to leave room for the rest (near step 0 the schedule's lambda steps are
+    coarser than the grid, and the indices become consecutive there). Uniform lambda steps keep the multistep
+    ratio ``r = h_prev / h`` near 1; time-uniform steps make r small at the end and the second-order
+    extrapolation unstable.
+    """
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    num_timesteps = len(alphas_cumprod)
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the diffusion's step count), got {num_steps}")
     if num_steps == 1:
         return [num_timesteps - 1]
-    return [int(i) for i in np.round(np.linspace(num_timesteps - 1, 0, num_steps))]
+    lambdas = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))  # decreasing in the step index
+    indices: list[int] = []
+    upper = num_timesteps - 1
+    for j, target in enumerate(np.linspace(lambdas[-1], lambdas[0], num_steps)):
+        lower = num_steps - 1 - j
+        k = lower + int(np.argmin(np.abs(lambdas[lower:upper + 1] - target)))
+        indices.append(k)
+        upper = k - 1
+    return indices
 
 
 def half_log_snr(alpha_bar: float) -> float:

@@ -505,13 +505,12 @@ class GaussianDiffusion:
                                denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                                cond_fn: Model | None = None, model_kwargs: dict[str, Any] | None = None,
                                device: torch.device | str | None = None, progress: bool = False,
-                               num_steps: int | None = None) -> torch.Tensor:
-        """DPM-Solver++(2M) sampling (deterministic, second order; see ``dpm_solver``): ``num_steps`` model
-        evaluations at steps spread evenly from this diffusion's noisiest step to step 0 (default: every step of
-        this diffusion, so ``create_diffusion("20").dpm_solver_sample_loop(...)`` and
-        ``create_diffusion("").dpm_solver_sample_loop(..., num_steps=20)`` both take 20). ``clip_denoised``,
-        ``denoised_fn`` and ``cond_fn`` (Song et al.'s score conditioning) act on each x_0 prediction; other
-        arguments as ``p_sample_loop``. Returns samples of ``shape``."""
+                               num_steps: int = 20) -> torch.Tensor:
+        """DPM-Solver++(2M) sampling (deterministic, second order; see ``dpm_solver``) with ``num_steps`` model
+        evaluations at steps of this diffusion spread uniformly in log-SNR, from the noisiest to step 0. Use it
+        on the full diffusion (``create_diffusion("")``): its 1000 steps give the finest choice of steps.
+        ``clip_denoised``, ``denoised_fn`` and ``cond_fn`` (Song et al.'s score conditioning) act on each x_0
+        prediction; other arguments as ``p_sample_loop``. Returns samples of ``shape``."""
         return _final_sample(self.dpm_solver_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
             model_kwargs=model_kwargs, device=device, progress=progress, num_steps=num_steps))
@@ -521,11 +520,10 @@ class GaussianDiffusion:
                                            denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                                            cond_fn: Model | None = None, model_kwargs: dict[str, Any] | None = None,
                                            device: torch.device | str | None = None, progress: bool = False,
-                                           num_steps: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                                           num_steps: int = 20) -> Iterator[dict[str, torch.Tensor]]:
         """As ``dpm_solver_sample_loop``, yielding after each model evaluation a dict "sample" (the state at the
         next evaluated step; the final sample after the last) and "pred_xstart"."""
-        indices = dpm_solver_step_indices(self.num_timesteps,
-                                          self.num_timesteps if num_steps is None else num_steps)
+        indices = dpm_solver_step_indices(self.alphas_cumprod, num_steps)
         # (this step, the next one or None after the last)
         transitions = iter(zip(indices, [*indices[1:], None], strict=True))
         history: dict[str, Any] = {"x0": None, "h": None}
