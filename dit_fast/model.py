@@ -1,0 +1,529 @@
+"""DiTFast: the reference DiT computed with fused kernels, a pluggable attention backend and fast inference paths.
+
+Same constructor, methods, module tree and state dict as ``dit_fast.reference.DiT`` (the official keys, so an official
+checkpoint loads with ``strict=True`` both ways), same init (even the same random draws for the same seed), same
+function. What differs is how a forward is computed (D hidden, T tokens, N batch):
+
+    tokens = patchify(x) @ W_patch^T + b + pos_embed        # the conv as one GEMM on the conv weight, viewed
+    c      = t_mlp(timestep_embedding(t)) + table[y]         # (N, D), fp32
+    mods   = silu(c) @ [W_ada_0 ... W_ada_{L-1}]             # every block's adaLN in one batched GEMM (inference)
+    block i:
+        x, h = gated_residual_modulated_layer_norm(x, gate_mlp[i-1], mlp_out[i-1], shift_msa[i], scale_msa[i])
+        x, h = gated_residual_modulated_layer_norm(x, gate_msa[i], attn(h), shift_mlp[i], scale_mlp[i])
+        mlp_out[i] = mlp(h)                                  # its residual is added at the next boundary
+    final: _, h = gated_residual_modulated_layer_norm(x, gate_mlp[L-1], mlp_out[L-1], shift, scale)
+           out  = unpatchify(h @ W_final^T + b)
+
+so each block boundary is one pass over the residual stream (the MLP residual of block i fused with the norm of
+block i+1's attention branch), and qkv is viewed as (N, T, 3, H, hd) for the attention backend with no copy.
+
+Backends: ``kernels="auto" | "triton" | "torch"`` (the ``dit_fast.kernels`` ops, which run Triton on CUDA, or their
+plain-PyTorch ``_ref`` twins, which ``torch.compile`` fuses on the CPU; default ``$DIT_FAST_KERNELS``, else Triton
+on CUDA and torch elsewhere) and ``attention=`` any name of ``dit_fast.attention.BACKENDS`` or "auto".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dit_fast import kernels as K
+from dit_fast.attention import attention, require_backend
+from dit_fast.config import CONFIGS, DiTConfig
+from dit_fast.reference import LabelEmbedder, guided_forward, sincos_pos_embed_2d, validate_inputs
+
+KERNELS_ENV_VAR = "DIT_FAST_KERNELS"
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The fused ops a DiTFast forward calls (signatures of ``dit_fast.kernels``)."""
+
+    modulated_layer_norm: Callable[..., torch.Tensor]
+    gated_residual_modulated_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    patchify: Callable[..., torch.Tensor]
+    unpatchify: Callable[..., torch.Tensor]
+
+
+KERNELS: dict[str, KernelOps] = {
+    # the public ops: Triton on CUDA; the reference on CPU (the Triton interpreter under TRITON_INTERPRET=1)
+    "triton": KernelOps(K.modulated_layer_norm, K.gated_residual_modulated_layer_norm, K.patchify, K.unpatchify),
+    # plain PyTorch, fused by torch.compile (inductor) on any device
+    "torch": KernelOps(K.modulated_layer_norm_ref, K.gated_residual_modulated_layer_norm_ref, K.patchify_ref,
+                       K.unpatchify_ref),
+}
+_HAS_TRITON: list[bool] = []
+_warned_kernels: set[str] = set()
+
+
+def _triton_installed() -> bool:
+    if not _HAS_TRITON:
+        _HAS_TRITON.append(importlib.util.find_spec("triton") is not None)
+    return _HAS_TRITON[0]
+
+
+def require_kernels(name: str) -> str:
+    """``name`` if it is "auto", "torch", or "triton" with Triton installed; else ValueError / ImportError."""
+    if name != "auto" and name not in KERNELS:
+        raise ValueError(f"unknown kernels {name!r}; valid names: auto, {', '.join(KERNELS)}")
+    if name == "triton" and not _triton_installed():
+        raise ImportError("kernels='triton' needs the triton package, which is not installed; install it with "
+                          "`pip install dit-fast[triton]` (or `pip install triton`), or use kernels='torch'")
+    return name
+
+
+@torch.compiler.assume_constant_result
+def resolve_kernels(name: str, device_type: str) -> str:
+    """The kernel set ("triton" or "torch") a forward on ``device_type`` uses for the requested ``name``.
+
+    "auto" takes ``$DIT_FAST_KERNELS`` when set (falling back, with one warning, where it cannot run), else "triton"
+    on CUDA with Triton installed and "torch" otherwise.
+    """
+    if name != "auto":
+        return name
+    env = os.environ.get(KERNELS_ENV_VAR, "").strip()
+    if env and env != "auto":
+        if env in KERNELS and (env == "torch" or _triton_installed()):
+            return env
+        if env not in _warned_kernels:
+            _warned_kernels.add(env)
+            warnings.warn(f"{KERNELS_ENV_VAR}={env} is not usable here (valid: auto, triton with triton installed, "
+                          "torch); choosing kernels automatically", stacklevel=3)
+    return "triton" if device_type == "cuda" and _triton_installed() else "torch"
+
+
+def _timestep_frequency_embedding(t: torch.Tensor, dim: int, freq_shift: int, max_period: float = 10000.0
+                                  ) -> torch.Tensor:
+    """``dit_fast.reference.timestep_embedding`` with the frequencies made on t's device (no host copy, so it can
+    run inside CUDA-graph capture): t (N,) -> (N, dim) fp32 ``[cos, sin]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))  # (half,)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def _autocasting(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D): patchify, then one GEMM with the conv weight viewed as (D, C*p*p) (no copy).
+
+    Keeps the official ``proj`` Conv2d so the state dict and the init are the reference's.
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        weight = self.proj.weight  # (D, C, p, p)
+        patches = ops.patchify(x, self.patch_size)  # (N, T, C*p*p), each vector in (C, p, p) order
+        if not _autocasting(x.device.type):
+            patches = patches.to(weight.dtype)
+        return F.linear(patches, weight.flatten(1), self.proj.bias)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Timesteps (N,) -> (N, D) in fp32: 256 sinusoidal frequencies, then Linear, SiLU, Linear (weights upcast)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = _timestep_frequency_embedding(t, self.frequency_embedding_size, self.freq_shift)  # (N, 256)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        with torch.autocast(t.device.type, enabled=False):
+            h = F.silu(F.linear(t_freq, fc1.weight.float(), fc1.bias.float()))  # (N, D)
+            return F.linear(h, fc2.weight.float(), fc2.bias.float())  # (N, D)
+
+
+class Attention(nn.Module):
+    """Self-attention: one fused qkv projection viewed as (N, T, 3, H, hd), a registry backend, the projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, T, 3, H, hd), a view
+        out = attention(qkv, self.backend)  # (N, T, H, hd)
+        return self.proj(out.flatten(2))  # (N, T, D)
+
+
+class Mlp(nn.Module):
+    """Linear -> tanh-GELU -> Linear (the official parameter names)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # (N, T, D)
+
+
+class DiTFastBlock(nn.Module):
+    """A DiT block whose residual boundaries are fused ops; the reference block's modules and parameter names.
+
+    ``forward`` starts by adding the previous block's pending MLP residual (fused with this block's first norm) and
+    ends with its own MLP output un-added, so every boundary is one pass. A block needs only its own parameters
+    (FSDP can wrap each block, checkpointing can recompute each block).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.kernels = "auto"
+
+    def forward(self, x: torch.Tensor, silu_c: torch.Tensor, gate: torch.Tensor | None = None,
+                branch: torch.Tensor | None = None, mod: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One block.
+
+        Args:
+            x: (N, T, D) residual stream, without the previous block's MLP residual.
+            silu_c: (N, D) ``silu(c)``, the conditioning after the adaLN's SiLU.
+            gate, branch: (N, D) and (N, T, D), the previous block's ``gate_mlp`` and MLP output (None for block 0).
+            mod: (N, 6D) this block's adaLN output when precomputed (the batched GEMM), else None.
+
+        Returns:
+            ``(x, gate_mlp, mlp_out)``: (N, T, D) stream after the attention residual, (N, D), (N, T, D).
+        """
+        ops = KERNELS[resolve_kernels(self.kernels, x.device.type)]
+        if mod is None:
+            linear = self.adaLN_modulation[1]
+            mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.to(x.dtype).chunk(6, dim=1)
+        if branch is None:
+            h = ops.modulated_layer_norm(x, shift_msa, scale_msa, self.norm1.eps)  # (N, T, D)
+        else:
+            x, h = ops.gated_residual_modulated_layer_norm(x, gate.to(x.dtype), branch.to(x.dtype), shift_msa,
+                                                           scale_msa, self.norm1.eps)
+        x, h = ops.gated_residual_modulated_layer_norm(x, gate_msa, self.attn(h).to(x.dtype), shift_mlp, scale_mlp,
+                                                       self.norm2.eps)
+        return x, gate_mlp, self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    """The last block's MLP residual fused with the final adaLN LayerNorm, then Linear(D, p*p*out)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, silu_c: torch.Tensor,
+                ops: KernelOps) -> torch.Tensor:
+        """x (N, T, D) stream, gate (N, D) / branch (N, T, D) the last block's pending MLP residual,
+        silu_c (N, D) -> (N, T, p*p*out) tokens, each vector in (p, p, out) order."""
+        linear = self.adaLN_modulation[1]
+        mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 2D)
+        shift, scale = mod.to(x.dtype).chunk(2, dim=1)
+        _, h = ops.gated_residual_modulated_layer_norm(x, gate.to(x.dtype), branch.to(x.dtype), shift, scale,
+                                                       self.norm_final.eps)
+        return self.linear(h)
+
+
+class DiTFast(nn.Module):
+    """Drop-in fast DiT: the reference ``DiT`` constructor (plus keyword-only backends), methods and state dict.
+
+    Args (beyond the reference's):
+        kernels: "auto", "triton" or "torch" (see the module docstring).
+        attention: "auto" or a ``dit_fast.attention.BACKENDS`` name ("flash_attn", "sdpa", "math", ...).
+        gradient_checkpointing: recompute each block in the backward (also settable as an attribute).
+
+    Fast paths: inference (no grad) computes every block's adaLN in one batched GEMM with a cached stacked weight;
+    ``forward_with_cfg`` embeds the shared latent half once; ``compile()`` compiles the repeated block once
+    (regional) or the whole model; ``cuda_graph()`` captures a fixed-shape forward for sampling loops.
+    """
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        *,
+        numerics: str = "official",
+        kernels: str = "auto",
+        attention: str = "auto",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.config = DiTConfig(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes, learn_sigma=learn_sigma, numerics=numerics,
+        )
+        cfg = self.config
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = cfg.out_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.gradient_checkpointing = gradient_checkpointing
+        diffusers = numerics == "diffusers"
+
+        # Construction order and module types follow the reference, so a seed gives the same weights.
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=1 if diffusers else 0)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, hidden_size), persistent=True)
+        self.blocks = nn.ModuleList([
+            DiTFastBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps=1e-5 if diffusers else 1e-6)
+            for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self._modulation_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor, torch.Tensor] | None = None
+        self.kernels = "auto"
+        self.attention = "auto"
+        self.set_kernels(kernels)
+        self.set_attention_backend(attention)
+        self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, config: DiTConfig, **kwargs: Any) -> DiTFast:
+        """Build from a ``DiTConfig``; ``kwargs`` are the keyword-only options (kernels, attention, ...)."""
+        d = config.to_dict()
+        numerics = d.pop("numerics")
+        return cls(**d, numerics=numerics, **kwargs)
+
+    def set_kernels(self, name: str) -> None:
+        """Use the "auto", "triton" or "torch" fused ops from now on (ImportError for triton when not installed)."""
+        self.kernels = require_kernels(name)
+        for block in self.blocks:
+            block.kernels = name
+
+    def set_attention_backend(self, name: str) -> None:
+        """Use attention backend ``name`` ("auto" or a registry name) from now on; a missing package raises."""
+        self.attention = require_backend(name)
+        for block in self.blocks:
+            block.attn.backend = name
+
+    def initialize_weights(self) -> None:
+        """The paper's init: Xavier-uniform linears (zero bias), N(0, 0.02) embeddings, adaLN-Zero."""
+
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.config.grid_size)[None])
+        # Patch conv initialised like a linear layer over its flattened (C * p * p) inputs.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output starts at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _ops(self, x: torch.Tensor) -> KernelOps:
+        return KERNELS[resolve_kernels(self.kernels, x.device.type)]
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*c) tokens, each in (p, p, c) order -> (N, c, H, W) images."""
+        return self._ops(x).unpatchify(x, self.patch_size, self.out_channels, self.config.grid_size)
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise a ValueError/TypeError naming the problem when (x, t, y) do not fit this model."""
+        validate_inputs(self.config, x, t, y)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) latents, t (N,) timesteps in 0..999, y (N,) labels -> (N, out_channels, H, W)."""
+        self.check_inputs(x, t, y)
+        return self._denoise(self._embed(x), t, y)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guide_channels: int | str = 3) -> torch.Tensor:
+        """Classifier-free guidance in one batched forward, with the official semantics (see the reference).
+
+        The batch is ``[cond; uncond]`` and both halves read the first half of ``x``, so its patch embedding is
+        computed once and shared; the transformer runs on the whole batch (the labels differ).
+        """
+        self.check_inputs(x, t, y)
+
+        def forward_on_duplicated_half(combined: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            tokens = self._embed(combined[: combined.shape[0] // 2])  # (N/2, T, D), identical for both halves
+            return self._denoise(torch.cat([tokens, tokens], dim=0), t, y)
+
+        return guided_forward(forward_on_duplicated_half, x, t, y, cfg_scale, guide_channels, self.in_channels)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, H, W) -> tokens with positions (N, T, D)."""
+        return self.x_embedder(x, self._ops(x)) + self.pos_embed
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Tokens (N, T, D), timesteps (N,), labels (N,) -> model output (N, out_channels, H, W)."""
+        c = self.t_embedder(t) + self.y_embedder(y, self.training).float()  # (N, D), fp32
+        silu_c = F.silu(c)  # (N, D)
+        mods = self._batched_modulation(silu_c)  # (depth, N, 6D) or None
+        gate = branch = None
+        for i, block in enumerate(self.blocks):
+            mod = None if mods is None else mods[i]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, gate, branch = checkpoint(block, x, silu_c, gate, branch, mod, use_reentrant=False)
+            else:
+                x, gate, branch = block(x, silu_c, gate, branch, mod)  # (N, T, D), (N, D), (N, T, D)
+        ops = self._ops(x)
+        out = self.final_layer(x, gate, branch, silu_c, ops)  # (N, T, p*p*out)
+        return ops.unpatchify(out, self.patch_size, self.out_channels, self.config.grid_size)  # (N, out, H, W)
+
+    def _batched_modulation(self, silu_c: torch.Tensor) -> torch.Tensor | None:
+        """Every block's adaLN output, (depth, N, 6D), in one batched GEMM; None where blocks must compute their own.
+
+        Only for inference: with gradients each block computes its own modulation (so FSDP can shard per block and
+        the weight gradients need no scatter), and under compilation or CUDA-graph capture too (the stacked weight
+        is a cache keyed on the parameters' storage and version counters, which neither can check). The cache is
+        rebuilt whenever a parameter is replaced or modified in place (optimizer step, EMA update, load_state_dict).
+        """
+        if torch.compiler.is_compiling() or (silu_c.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        linears = [block.adaLN_modulation[1] for block in self.blocks if isinstance(block, DiTFastBlock)]
+        if len(linears) != len(self.blocks) or len(linears) == 0:
+            return None  # blocks wrapped (FSDP, ...) own their parameters
+        params = [p for linear in linears for p in (linear.weight, linear.bias)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        if any(type(p.data) is not torch.Tensor for p in params):
+            return None  # sharded or otherwise wrapped parameters (DTensor, ...)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._modulation_cache is None or self._modulation_cache[0] != key:
+            with torch.no_grad():
+                weight = torch.stack([linear.weight for linear in linears])  # (depth, 6D, D)
+                bias = torch.stack([linear.bias for linear in linears]).unsqueeze(1)  # (depth, 1, 6D)
+            self._modulation_cache = (key, weight, bias)
+        _, weight, bias = self._modulation_cache
+        if not _autocasting(silu_c.device.type):
+            silu_c = silu_c.to(weight.dtype)
+        depth, n = weight.shape[0], silu_c.shape[0]
+        return torch.baddbmm(bias, silu_c.expand(depth, n, -1), weight.transpose(1, 2))  # (depth, N, 6D)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DiTFast:
+        self._modulation_cache = None  # .to() / .half() / .cuda(): rebuilt on the next inference forward
+        return super()._apply(fn, recurse)
+
+    def compile(self, *, regional: bool = True, mode: str | None = None, fullgraph: bool = True,
+                dynamic: bool | None = False, **kwargs: Any) -> DiTFast:
+        """Compile in place with ``torch.compile`` and return self.
+
+        ``regional=True`` compiles the repeated block once (every block shares its graphs: fast to compile, the
+        rest stays eager); ``regional=False`` compiles the whole forward. ``mode="reduce-overhead"`` adds CUDA
+        graphs (fixed-shape sampling loops on CUDA; best with ``regional=False``), ``"max-autotune"`` tunes GEMMs.
+        Other ``kwargs`` go to ``torch.compile``.
+        """
+        if regional:
+            for block in self.blocks:
+                block.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+        else:
+            super().compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def cuda_graph(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | None = None,
+                   warmup: int = 2) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Capture one inference forward (or ``forward_with_cfg`` when ``cfg_scale`` is given) as a CUDA graph.
+
+        Returns ``run(x, t, y)``, which copies its inputs (same shapes, dtypes and device as the examples) into the
+        graph's static inputs, replays it and returns the static output (overwritten by the next call: clone it to
+        keep it). For fixed-shape sampling loops, where per-kernel launch overhead dominates. Weights are read in
+        place, so in-place updates (EMA) are seen; replacing parameter tensors needs a new capture.
+        """
+        if not x.is_cuda:
+            raise ValueError(f"cuda_graph needs CUDA tensors, got x on {x.device}")
+        self.check_inputs(x, t, y)
+        static = [x.clone(), t.clone(), y.clone()]
+
+        def call() -> torch.Tensor:
+            if cfg_scale is None:
+                return self(*static)
+            return self.forward_with_cfg(*static, cfg_scale)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # resolve backends, autotune and allocate outside the capture
+                call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = call()
+
+        def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            for dst, src in zip(static, (x, t, y), strict=True):
+                if src.shape != dst.shape or src.dtype != dst.dtype:
+                    raise ValueError(f"captured for shape {tuple(dst.shape)} {dst.dtype}, got {tuple(src.shape)} "
+                                     f"{src.dtype}")
+                dst.copy_(src)
+            graph.replay()
+            return static_out
+
+        return run
+
+
+def _constructor(name: str) -> Callable[..., DiTFast]:
+    cfg = CONFIGS[name]
+
+    def build(**kwargs: Any) -> DiTFast:
+        args = {"depth": cfg.depth, "hidden_size": cfg.hidden_size, "patch_size": cfg.patch_size,
+                "num_heads": cfg.num_heads}
+        args.update(kwargs)
+        return DiTFast(**args)
+
+    build.__name__ = name.replace("-", "_").replace("/", "_")
+    build.__doc__ = (f"{name} as DiTFast: depth {cfg.depth}, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
+                     f"patch {cfg.patch_size}.")
+    return build
+
+
+DiT_models: dict[str, Callable[..., DiTFast]] = {name: _constructor(name) for name in CONFIGS}
