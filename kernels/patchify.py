@@ -100,9 +100,9 @@ def _patchify_bwd_kernel(
 
 
 def tile_config(tokens: int, vec: int) -> tuple[int, int, int]:
-    """``(BLOCK_T, BLOCK_K, num_warps)`` for moving tokens of ``vec`` elements: the whole vector, ~4096 elements."""
+    """``(BLOCK_T, BLOCK_K, num_warps)`` for moving tokens of ``vec`` elements: whole vectors, ~2048 elements a tile."""
     block_k = next_power_of_2(vec)
-    block_t = max(1, min(next_power_of_2(tokens), 4096 // block_k))
+    block_t = max(1, min(next_power_of_2(tokens), 2048 // block_k))
     return block_t, block_k, 4
 
 
