@@ -185,6 +185,18 @@ def test_model_cls_class_or_builder(tmp_path):
     assert built == [model.config] and as_builder.model.pos_embed.dtype == torch.float64
 
 
+def test_loads_into_dit_fast(tmp_path):
+    from dit_fast.model import DiTFast
+
+    sd, fx, cfg = _official("odd")
+    torch.save(sd, tmp_path / "DiT.pt")
+    result = load_checkpoint(tmp_path / "DiT.pt", num_heads=2, model_cls=DiTFast)
+    assert type(result.model) is DiTFast
+    with torch.no_grad():
+        out = result.model(fx["x"], fx["t"], fx["y"])
+    assert_close(out, fx["forward"], atol=1e-5, rtol=1e-5, name="DiTFast forward")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The dit-fast format
 # ---------------------------------------------------------------------------------------------------------------
