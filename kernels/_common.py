@@ -26,8 +26,8 @@ from torch._subclasses.fake_tensor import is_fake
 try:  # torch >= 2.6
     from torch.library import triton_op, wrap_triton
 except ImportError:  # torch 2.5 has them under their private names
-    from torch._library.triton import capture_triton as wrap_triton  # noqa: F401
-    from torch._library.triton import triton_op  # noqa: F401
+    from torch._library.triton import capture_triton as wrap_triton
+    from torch._library.triton import triton_op
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
@@ -43,7 +43,7 @@ if not HAS_TRITON:
 # Widest row the single-block row kernels keep in registers (fp32 working copies of a few rows of this width).
 MAX_FUSED_DIM = 16384
 # Programs the row-block backward kernels aim to launch; each writes one fp32 partial row per reduced parameter.
-_BWD_TARGET_PROGRAMS = 512
+BWD_TARGET_PROGRAMS = 512
 _TRUE_VALUES = ("1", "true", "yes", "on")
 
 
@@ -171,6 +171,17 @@ def triton_kernel(fn: Callable[..., None]) -> TritonKernel:
     return TritonKernel(fn)
 
 
+def register_op(name: str, fn: Callable[..., Any]) -> Any:
+    """Register launcher ``fn`` as the functional custom op ``name`` ("dit_fast::<op>"); returns the op.
+
+    With Triton installed this is ``torch.library.triton_op``, whose kernels ``torch.compile`` sees through
+    ``wrap_triton``; without it, a plain ``custom_op`` (never called: dispatch sends every tensor to the reference).
+    """
+    if HAS_TRITON:
+        return triton_op(name, fn, mutates_args=())
+    return torch.library.custom_op(name, fn, mutates_args=())
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= ``n`` (>= 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -191,7 +202,7 @@ def bwd_rows_per_program(batch: int, tokens: int) -> int:
 
     More rows per program means fewer fp32 partial sums to write and reduce, fewer means more parallelism.
     """
-    rows = next_power_of_2(-(-batch * tokens // _BWD_TARGET_PROGRAMS))
+    rows = next_power_of_2(-(-batch * tokens // BWD_TARGET_PROGRAMS))
     return max(1, min(rows, 128, next_power_of_2(tokens)))
 
 

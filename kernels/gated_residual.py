@@ -19,12 +19,12 @@ from ._common import (
     check_same,
     check_tensor,
     last_dim_contiguous,
+    register_op,
     row_compile_cases,
     row_config,
     tl,
     triton_dtype,
     triton_kernel,
-    triton_op,
     use_triton,
 )
 
@@ -148,8 +148,8 @@ def gated_residual_bwd(grad_r: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
     return dgate_part.sum(dim=1).to(gate.dtype), dy
 
 
-_fwd_op = triton_op("dit_fast::gated_residual", gated_residual_fwd, mutates_args=())
-_bwd_op = triton_op("dit_fast::gated_residual_bwd", gated_residual_bwd, mutates_args=())
+_fwd_op = register_op("dit_fast::gated_residual", gated_residual_fwd)
+_bwd_op = register_op("dit_fast::gated_residual_bwd", gated_residual_bwd)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -21,12 +21,12 @@ from ._common import (
     check_same,
     check_tensor,
     last_dim_contiguous,
+    register_op,
     row_compile_cases,
     row_config,
     tl,
     triton_dtype,
     triton_kernel,
-    triton_op,
     use_triton,
 )
 from .gated_residual import gated_residual_ref  # also registers dit_fast::gated_residual_bwd
@@ -227,10 +227,8 @@ def gated_residual_modulated_layer_norm_bwd(
     return dx, dgate, dy, dshift, dscale
 
 
-_fwd_op = triton_op("dit_fast::gated_residual_modulated_layer_norm", gated_residual_modulated_layer_norm_fwd,
-                    mutates_args=())
-_bwd_op = triton_op("dit_fast::gated_residual_modulated_layer_norm_bwd", gated_residual_modulated_layer_norm_bwd,
-                    mutates_args=())
+_fwd_op = register_op("dit_fast::gated_residual_modulated_layer_norm", gated_residual_modulated_layer_norm_fwd)
+_bwd_op = register_op("dit_fast::gated_residual_modulated_layer_norm_bwd", gated_residual_modulated_layer_norm_bwd)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -19,12 +19,12 @@ from ._common import (
     check_row_dim,
     check_tensor,
     last_dim_contiguous,
+    register_op,
     row_compile_cases,
     row_config,
     tl,
     triton_dtype,
     triton_kernel,
-    triton_op,
     use_triton,
 )
 
@@ -180,8 +180,8 @@ def modulated_layer_norm_bwd(
     return dx, dshift_part.sum(dim=1).to(scale.dtype), dscale_part.sum(dim=1).to(scale.dtype)
 
 
-_fwd_op = triton_op("dit_fast::modulated_layer_norm", modulated_layer_norm_fwd, mutates_args=())
-_bwd_op = triton_op("dit_fast::modulated_layer_norm_bwd", modulated_layer_norm_bwd, mutates_args=())
+_fwd_op = register_op("dit_fast::modulated_layer_norm", modulated_layer_norm_fwd)
+_bwd_op = register_op("dit_fast::modulated_layer_norm_bwd", modulated_layer_norm_bwd)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -20,10 +20,10 @@ from ._common import (
     CompileCase,
     check_tensor,
     next_power_of_2,
+    register_op,
     tl,
     triton_dtype,
     triton_kernel,
-    triton_op,
     use_triton,
 )
 
@@ -156,8 +156,8 @@ def patchify_bwd(grad_tokens: torch.Tensor, p: int, c: int, h: int, w: int) -> t
     return img
 
 
-_fwd_op = triton_op("dit_fast::patchify", patchify_fwd, mutates_args=())
-_bwd_op = triton_op("dit_fast::patchify_bwd", patchify_bwd, mutates_args=())
+_fwd_op = register_op("dit_fast::patchify", patchify_fwd)
+_bwd_op = register_op("dit_fast::patchify_bwd", patchify_bwd)
 
 
 def _setup_context(ctx, inputs, output) -> None:

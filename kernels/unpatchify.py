@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import CompileCase, check_tensor, triton_dtype, triton_op, use_triton
+from ._common import CompileCase, check_tensor, register_op, triton_dtype, use_triton
 from .patchify import (
     LATENT_CHANNELS,
     LATENT_SIZE,
@@ -66,8 +66,8 @@ def unpatchify_bwd(grad_img: torch.Tensor, p: int) -> torch.Tensor:
     return tok
 
 
-_fwd_op = triton_op("dit_fast::unpatchify", unpatchify_fwd, mutates_args=())
-_bwd_op = triton_op("dit_fast::unpatchify_bwd", unpatchify_bwd, mutates_args=())
+_fwd_op = register_op("dit_fast::unpatchify", unpatchify_fwd)
+_bwd_op = register_op("dit_fast::unpatchify_bwd", unpatchify_bwd)
 
 
 def _setup_context(ctx, inputs, output) -> None:
