@@ -156,7 +156,7 @@ class GaussianDiffusion:
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(self.one_minus_alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(self.one_minus_alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
 
@@ -171,10 +171,11 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
-        # p(x_{t-1} | x_t) variances
+        # p(x_{t-1} | x_t) variances; FIXED_LARGE takes beta~_1 at step 0 (a better decoder likelihood than beta_0)
         self.log_betas = np.log(betas)
-        self.fixed_large_variance = np.append(self.posterior_variance[1:2], betas[1:]) \
-            if self.num_timesteps > 1 else betas.copy()
+        self.fixed_large_variance = betas.copy()
+        if self.num_timesteps > 1:
+            self.fixed_large_variance[0] = self.posterior_variance[1]
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
 
         self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}

@@ -12,7 +12,8 @@ reproduces the official DiT exactly (it guides output channels 0..2 only: three 
 kept by the authors for bit-exact FID 2.27; for models with fewer than 3 input channels only their eps channels
 are guided), ``"all"`` is the standard guidance of all eps channels. An optional ``interval=(lo, hi)`` applies
 guidance only at original timesteps lo <= t <= hi (Kynkaanniemi et al. 2024) and returns the conditional output
-elsewhere, skipping the unconditional pass when no element of the batch is inside the interval.
+elsewhere, skipping the unconditional pass when no element of the batch is inside the interval (deciding that
+reads one bool from the device per call).
 
 Official-style usage, for comparison: the sampler carries a doubled batch and ``model.forward_with_cfg`` guides
 the first half; the output of ``CFGModel`` on x equals the first half of ``forward_with_cfg([x; x], [t; t],
