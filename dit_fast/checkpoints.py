@@ -237,21 +237,36 @@ def load_checkpoint(
 
 
 def build_model(checkpoint: Checkpoint, model_cls: type[nn.Module] | ModelBuilder | None = None) -> nn.Module:
-    """Build ``model_cls`` for ``checkpoint.config`` and load its weights with ``strict=True``; eval mode."""
-    config = checkpoint.config
-    if model_cls is None:
-        model = DiT.from_config(config)
-    elif isinstance(model_cls, type):
-        kwargs = config.to_dict()
-        numerics = kwargs.pop("numerics")
-        model = model_cls(**kwargs, numerics=numerics)
-    else:
-        model = model_cls(config)
+    """Build ``model_cls`` for ``checkpoint.config`` and load its weights with ``strict=True``; eval mode.
+
+    The model is built on the meta device and then takes the checkpoint's tensors (cast to the model's own
+    dtypes, as a copying load would), so no time or memory goes into a random init that is overwritten (about
+    20 s for DiT-XL/2 on 2 CPU cores). The model's parameters therefore share storage with
+    ``checkpoint.state_dict``. A model whose state is not all in its state dict (non-persistent buffers) is
+    built normally instead.
+    """
+    with torch.device("meta"):
+        model = _construct(model_cls, checkpoint.config)
+    own = model.state_dict()
+    state_dict = {k: v.to(own[k].dtype) if k in own else v for k, v in checkpoint.state_dict.items()}
     try:
-        model.load_state_dict(checkpoint.state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            model = _construct(model_cls, checkpoint.config)
+            model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{type(model).__name__} does not accept the weights of {checkpoint.source}: {e}") from e
     return model.eval()
+
+
+def _construct(model_cls: type[nn.Module] | ModelBuilder | None, config: DiTConfig) -> nn.Module:
+    if model_cls is None:
+        return DiT.from_config(config)
+    if isinstance(model_cls, type):
+        kwargs = config.to_dict()
+        numerics = kwargs.pop("numerics")
+        return model_cls(**kwargs, numerics=numerics)
+    return model_cls(config)
 
 
 def read_checkpoint(

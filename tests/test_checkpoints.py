@@ -119,6 +119,17 @@ def test_train_py_args_model_name_gives_heads(tmp_path):
     assert torch.equal(_forward(result.model, model.config), _forward(model, model.config))
 
 
+def test_train_py_checkpoint_with_a_config_entry(tmp_path):
+    model = _random_model(numerics="diffusers", input_size=(8, 12))
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "config": model.config.to_dict(),
+                "args": argparse.Namespace(model="DiT-S/2", image_size=64)}, tmp_path / "ckpt.pt")
+    result = load_checkpoint(tmp_path / "ckpt.pt")  # the stored config wins over args and needs no hints
+    assert result.config == model.config and result.numerics == "diffusers"
+    assert torch.equal(_forward(result.model, model.config), _forward(model, model.config))
+    with pytest.raises(CheckpointError, match="overrides conflict with it: input_size=8 but the checkpoint has"):
+        read_checkpoint(tmp_path / "ckpt.pt", input_size=8)
+
+
 def test_random_init_model_through_official_format(tmp_path):
     model = _random_model()
     save_official(model, tmp_path / "w.pt")
@@ -179,10 +190,19 @@ def test_model_cls_class_or_builder(tmp_path):
     save_official(model, tmp_path / "w.pt")
     as_class = load_checkpoint(tmp_path / "w.pt", num_heads=2, model_cls=Subclass, numerics="diffusers")
     assert type(as_class.model) is Subclass and as_class.model.config.numerics == "diffusers"
+    class WithNonPersistentBuffer(DiT):  # state outside the state dict: built for real, not on the meta device
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+
+    non_persistent = load_checkpoint(tmp_path / "w.pt", num_heads=2, model_cls=WithNonPersistentBuffer)
+    assert non_persistent.model.scale.item() == 2.0
+    assert torch.equal(_forward(non_persistent.model, model.config), _forward(model, model.config))
     built = []
     builder = lambda c: built.append(c) or DiT.from_config(c)
     as_builder = load_checkpoint(tmp_path / "w.pt", num_heads=2, model_cls=builder, dtype=torch.float64)
     assert built == [model.config] and as_builder.model.pos_embed.dtype == torch.float64
+    assert all(p.requires_grad for p in as_builder.model.parameters())
 
 
 def test_loads_into_dit_fast(tmp_path):
@@ -216,6 +236,9 @@ def test_dit_fast_round_trip(tmp_path, layout):
     for k, v in model.state_dict().items():
         assert ckpt.state_dict[k].dtype == v.dtype and torch.equal(ckpt.state_dict[k], v), k
     assert read_checkpoint(path, numerics="official").numerics == "official"
+    loaded = load_checkpoint(path).model  # the model keeps its own dtype (fp32), like a copying load_state_dict
+    assert loaded.blocks[0].attn.qkv.weight.dtype == torch.float32
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight.float())
     assert not list(tmp_path.rglob("*.tmp"))
 
 
