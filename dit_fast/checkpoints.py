@@ -604,9 +604,11 @@ def infer_config(
                 "blocks.0.mlp.fc1.weight")
     missing = [k for k in required if k not in state_dict]
     if missing:
+        hint = ("; these are diffusers keys: pass the diffusers folder (config.json + weights) instead"
+                if any(k.startswith("transformer_blocks.") for k in state_dict) else "")
         raise CheckpointError(
             f"not a DiT state dict in the official layout: missing {missing}; it has {len(state_dict)} keys, e.g. "
-            f"{_natural_sorted(state_dict)[:8]}"
+            f"{_natural_sorted(state_dict)[:8]}{hint}"
         )
     notes: list[str] = []
     proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)

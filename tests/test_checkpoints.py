@@ -379,6 +379,10 @@ def test_not_a_dit_state_dict(tmp_path):
     torch.save({"conv1.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}, tmp_path / "resnet.pt")
     with pytest.raises(CheckpointError, match="not a DiT state dict.*missing.*x_embedder.proj.weight.*conv1.weight"):
         read_checkpoint(tmp_path / "resnet.pt")
+    model = _random_model()
+    torch.save(to_diffusers_state_dict(model.state_dict(), model.config), tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="diffusers keys: pass the diffusers folder"):
+        read_checkpoint(tmp_path / "diffusion_pytorch_model.bin", num_heads=2)
     torch.save({"step": 3, "weights": [1, 2]}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="neither a DiT state dict.*nor a train.py.*'step', 'weights'"):
         read_checkpoint(tmp_path / "other.pt")
