@@ -42,8 +42,10 @@ if not HAS_TRITON:
 
 # Widest row the single-block row kernels keep in registers (fp32 working copies of a few rows of this width).
 MAX_FUSED_DIM = 16384
-# Programs the row-block backward kernels aim to launch; each writes one fp32 partial row per reduced parameter.
-BWD_TARGET_PROGRAMS = 512
+# Programs the row-block backward kernels aim to launch (~8 per SM of a 132-SM H100/H200; a fixed number, so the
+# token partition, hence the summation order, is the same on every device); each writes one fp32 partial row per
+# reduced parameter. Not yet tuned on hardware.
+BWD_TARGET_PROGRAMS = 1024
 _TRUE_VALUES = ("1", "true", "yes", "on")
 
 
@@ -198,7 +200,7 @@ def row_config(dim: int) -> tuple[int, int]:
 
 
 def bwd_rows_per_program(batch: int, tokens: int) -> int:
-    """Tokens each backward program walks (all from one batch element), so that about 512 programs run.
+    """Tokens each backward program walks (all from one batch element), so that about ``BWD_TARGET_PROGRAMS`` run.
 
     More rows per program means fewer fp32 partial sums to write and reduce, fewer means more parallelism.
     """
