@@ -1,7 +1,8 @@
 """Plumbing shared by the fused ops: optional Triton, the interpreter switch, dispatch, launch heuristics, checks.
 
-Triton is imported lazily and guarded: this module (and so ``dit_fast.kernels``) imports on machines without Triton
-or without a GPU, where every op runs its plain-PyTorch ``<op>_ref``. Nothing here touches ``torch.cuda`` at import.
+Triton is probed (``find_spec``) and imported under a guard: this module (and so ``dit_fast.kernels``) imports on
+machines without Triton or without a GPU, where every op runs its plain-PyTorch ``<op>_ref``; kernels are built only
+when first launched. Nothing here touches ``torch.cuda`` at import.
 
 Kernels are declared with :func:`triton_kernel` instead of ``@triton.jit``. ``triton.jit`` decides between a compiled
 ``JITFunction`` and the interpreter's ``InterpretedFunction`` once, from ``TRITON_INTERPRET`` at decoration (import)
@@ -30,15 +31,12 @@ except ImportError:  # torch 2.5 has them under their private names
     from torch._library.triton import triton_op
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+tl: Any = None  # triton.language, the name the kernels' bodies use
 if HAS_TRITON:
     try:
-        import triton
         import triton.language as tl
     except ImportError:  # a broken install: behave as if absent
         HAS_TRITON = False
-if not HAS_TRITON:
-    triton = None
-    tl = None
 
 # Widest row the single-block row kernels keep in registers (fp32 working copies of a few rows of this width).
 MAX_FUSED_DIM = 16384
