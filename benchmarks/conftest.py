@@ -1,0 +1,92 @@
+"""Options, session fixtures and hooks of the benchmark suite.
+
+- ``--dit-*`` options size a run (``pytest benchmarks/ --help`` lists them under "dit-fast benchmarks");
+- ``bench_settings``: the resolved ``benchmarks.common.BenchSettings``;
+- ``matmul_ceiling``: the run's ``benchmarks.common.MatmulCeiling`` (fp32 on a CPU, bf16 on a GPU by default),
+  measured once per session so every case's "fraction of ceiling" is a ratio of one run;
+- the JSON's ``machine_info`` gains the CPU model, GPU, driver and package versions (``environment_info``);
+- with ``--benchmark-json=RUN.json`` the Markdown report (``RUN.md``) and plot (``RUN.png``) are written next to it
+  at the end of the session (``benchmarks.report``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.common import (
+    IMPLS,
+    BenchSettings,
+    MatmulCeiling,
+    environment_info,
+    measure_matmul_ceiling,
+    settings_from_config,
+)
+from benchmarks.report import write_report
+
+_START_KEY = pytest.StashKey[float]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dit-fast benchmarks", "sizing of the dit-fast benchmark suite (benchmarks/)")
+    group.addoption("--dit-device", default="auto",
+                    help="device to benchmark: auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    group.addoption("--dit-dtype", default="auto",
+                    help="compute dtype: auto (fp32 on cpu, bf16 on cuda), fp32, bf16, fp16; parity is always "
+                         "checked against the fp32 reference")
+    group.addoption("--dit-config", default=None,
+                    help="model config of the model and sampling levels, e.g. DiT-XL/2 (default: DiT-S/2 model / "
+                         "DiT-S/8 sampling on cpu, DiT-XL/2 on cuda)")
+    group.addoption("--dit-batch", type=int, default=None,
+                    help="batch size of every level (default per level and device; see benchmarks/README.md)")
+    group.addoption("--dit-rounds", type=int, default=None,
+                    help="timed rounds per case, after one warm-up round (default per level and device)")
+    group.addoption("--dit-sample-steps", type=int, default=None,
+                    help="DDPM steps of the guided sampling case (default 10 on cpu, 250 on cuda)")
+    group.addoption("--dit-ddim-steps", type=int, default=None,
+                    help="DDIM steps of the guided sampling case (default 5 on cpu, 50 on cuda)")
+    group.addoption("--dit-scaling-configs", default=None,
+                    help="comma-separated configs of the scaling sweep (default DiT-S/8,DiT-S/4,DiT-S/2,DiT-B/8 on "
+                         "cpu, all 12 on cuda)")
+    group.addoption("--dit-impls", default=None,
+                    help=f"comma-separated implementations to run (default all: {','.join(IMPLS)})")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    settings_from_config(config)  # bad options fail before collection, with the option's name
+
+
+@pytest.fixture(scope="session")
+def bench_settings(pytestconfig: pytest.Config) -> BenchSettings:
+    return settings_from_config(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def matmul_ceiling(bench_settings: BenchSettings) -> MatmulCeiling:
+    return measure_matmul_ceiling(bench_settings.device, bench_settings.dtype)
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    settings = settings_from_config(config)
+    machine_info["dit_fast"] = environment_info(settings.device) | {"dtype": settings.dtype_name}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_START_KEY] = time.time()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # pytest-benchmark writes --benchmark-json in its own (wrapping) sessionfinish, before this one runs; a file
+    # older than this session is a previous run's (this one ran no benchmark) and gets no report.
+    json_path = session.config.getoption("benchmark_json", None)
+    started = session.config.stash.get(_START_KEY, 0.0)
+    if json_path is None or not Path(json_path).is_file() or Path(json_path).stat().st_mtime < started:
+        return
+    markdown, plot = write_report(Path(json_path))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        written = f"{markdown}" + (f" and {plot}" if plot else " (no plot: matplotlib is not installed)")
+        reporter.write_line(f"dit-fast benchmark report: {written}")
