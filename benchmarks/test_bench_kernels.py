@@ -4,14 +4,15 @@ One group per op ("kernel <op>"). On a GPU, each op runs at DiT-XL/2 shapes (T =
 and 256) as three implementations on the same inputs: "pytorch-unfused" (the plain ``<op>_ref`` sequence, eager),
 "torch.compile" (that sequence compiled by inductor) and "dit_fast-triton" (the fused Triton op), forward ("fwd") and
 forward + backward ("fwd+bwd", for the differentiable row ops). Each round is one ``triton.testing.do_bench`` (L2
-flushed between calls, median of its repetitions) inside the benchmarked callable. On a CPU only the reference path
-runs, at small shapes, with pytest-benchmark's timer, so the suite runs anywhere in seconds.
+flushed between calls, median of its repetitions) inside the benchmarked callable: the per-call time is
+``extra_info["seconds"]`` (pytest-benchmark's own columns time whole ``do_bench`` rounds there). On a CPU only the
+reference path runs, at small shapes, with pytest-benchmark's timer, so the suite runs anywhere in seconds.
 
-``extra_info``: ``impl``, ``case``, ``gbytes`` (the bytes one call must move at least: each input read and each
-output written once, in the run's dtype), ``gbps`` (at the median time), ``gflop`` (about the elementwise operation
-count of one call, 2 x the multiply-adds in spirit: LayerNorm ~8 per element, a gated residual 2, the patch copies 0),
-``gflops``, ``max_rel_err`` (``max|out - ref| / max|ref|`` over outputs and grads against the plain reference in
-fp32 on the same inputs; asserted under the dtype's tolerance), ``dtype``, ``device``.
+``extra_info``: ``impl``, ``case``, ``seconds`` (median per call), ``gbytes`` (the bytes one call must move at least:
+each input read and each output written once, in the run's dtype), ``gbps`` (at the median time), ``gflop`` (about
+the elementwise operation count of one call, 2 x the multiply-adds in spirit: LayerNorm ~8 per element, a gated
+residual 2, the patch copies 0), ``gflops``, ``max_rel_err`` (``max|out - ref| / max|ref|`` over outputs and grads
+against the plain reference in fp32 on the same inputs; asserted under the dtype's tolerance), ``dtype``, ``device``.
 """
 
 from __future__ import annotations
@@ -128,11 +129,11 @@ def _callable(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], args: 
         return lambda: _as_tuple(fn(*args))
     leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    grads = [g.to(tensors[0].dtype) for g in grad_outputs]  # cast once, outside the timed call
 
     def step() -> tuple[torch.Tensor, ...]:
         outs = _as_tuple(fn(*leaves))
-        return outs + torch.autograd.grad(outs, tensors, [g.to(o.dtype) for o, g in zip(outs, grad_outputs,
-                                                                                          strict=True)])
+        return outs + torch.autograd.grad(outs, tensors, grads)
 
     return step
 
