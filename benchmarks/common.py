@@ -28,7 +28,9 @@ further from the fp32 reference than its dtype allows: the suite checks parity w
 - ``ceiling_gflops``: the matmul ceiling measured in the same run; ``frac_ceiling`` = gflops / ceiling_gflops;
   on a GPU also ``mfu`` (the same ratio, the usual name there) and, for GPUs with a known datasheet, ``mfu_datasheet``
   (against NVIDIA's dense bf16/fp16 tensor-core peak: an upper bound no kernel reaches);
-- ``dtype``, ``device``.
+- ``dtype``, ``device``; optionally ``seconds`` (the time of one call, when a benchmark round is not one call, e.g.
+  one ``triton.testing.do_bench``; the report then uses it instead of the round's median) and ``gbps`` (achieved
+  GB/s of a memory-bound case).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class LevelSize:
 # CUDA sizes are the paper's (DiT-XL/2 at 256x256). Every value can be overridden from the command line.
 LEVEL_DEFAULTS: dict[str, dict[str, LevelSize]] = {
     "model": {"cpu": LevelSize("DiT-S/2", 2, 3), "cuda": LevelSize("DiT-XL/2", 32, 10)},
-    "sampling": {"cpu": LevelSize("DiT-S/8", 2, 2), "cuda": LevelSize("DiT-XL/2", 4, 2)},
+    "sampling": {"cpu": LevelSize("DiT-S/8", 2, 2), "cuda": LevelSize("DiT-XL/2", 4, 1)},
     "scaling": {"cpu": LevelSize(None, 2, 3), "cuda": LevelSize(None, 16, 10)},
 }
 SCALING_CONFIGS: dict[str, tuple[str, ...]] = {

@@ -46,10 +46,13 @@ def synthetic_run() -> dict:
     # a case from a file that records nothing but its impl parameter
     bare = bench("model forward", "test_forward[dit_fast-DiT-S/2]", 0.5)
     bare["params"] = {"impl": "dit_fast", "config": "DiT-S/2"}
+    # a kernel case timed by do_bench inside the round: its own per-call time and bandwidth, no parity_ok key
+    kernel = bench("kernel patchify", "test_kernel[patchify-dit_fast]", 0.3, impl="dit_fast", case="fwd B=32",
+                   seconds=1e-4, gbps=500.0, gbytes=0.05, max_rel_err=0.5, tolerance=3e-2)
     return {"machine_info": {"python_version": "3.11.7",
                              "dit_fast": {"cpu_model": "Test CPU", "cpu_count": 2, "torch": "2.x", "triton": "3.x"}},
             "commit_info": {"id": "0123456789abcdef", "dirty": True}, "datetime": "2026-01-01T00:00:00",
-            "benchmarks": [*scaling, *sampling, ceiling, bare]}
+            "benchmarks": [*scaling, *sampling, ceiling, bare, kernel]}
 
 
 def test_rows_speedups_and_fallback_case():
@@ -60,6 +63,8 @@ def test_rows_speedups_and_fallback_case():
     assert fast.images_per_s == pytest.approx(2.0) and fast.gflops == pytest.approx(28.8)  # derived from the median
     assert by_key[("sampling ddpm", "DiT-S/8 batch 2 DDPM-10", "diffusers")].parity_ok is False
     assert ("model forward", "config=DiT-S/2", "dit_fast") in by_key  # case from the non-impl parameters
+    kernel = by_key[("kernel patchify", "fwd B=32", "dit_fast")]
+    assert kernel.median_s == 1e-4 and kernel.gbps == 500.0 and kernel.parity_ok is False
 
 
 def test_markdown_report_tables(tmp_path):
@@ -74,6 +79,7 @@ def test_markdown_report_tables(tmp_path):
     assert "| sampling ddpm | DiT-S/8 batch 2 DDPM-10 | dit_fast | 4.00x | 2.00x | 8.00x |" in text
     assert "| DiT-S/2 batch 2 | dit_fast | 200 ms | 10 | 121.0 | 2.00x | - | 121.0% | 3.0e-07 (<= 1e-04) |" in text
     assert "5.0e-03 (<= 1e-03) **FAIL**" in text and "## Parity failures" in text
+    assert "| fwd B=32 | dit_fast | 100 us | - | - | 500.0 |" in text  # GB/s column only in that group
     assert "Matmul ceiling: 100.0 GFLOP/s" in text and "(2048x2048x2048 fp32) timed by pytest-benchmark: 85.9" in text
     if plot is not None:  # matplotlib installed (the dev extra)
         assert plot == tmp_path / "run.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
