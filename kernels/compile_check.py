@@ -84,8 +84,8 @@ def compile_case(case: CompileCase, arch: int) -> str:
     shared = getattr(compiled.metadata, "shared", None)
     if not usage:
         return f"shared={shared} B (cuobjdump unavailable: registers/spills not read)"
-    spills = "none" if usage["local"] == 0 and usage["stack"] == 0 else f"local={usage['local']} B"
-    return f"regs={usage['regs']:3d} spills={spills} stack={usage['stack']} B shared={shared} B"
+    return (f"regs={usage['regs']:3d} spill(local)={usage['local']} B stack={usage['stack']} B "
+            f"shared={shared} B")
 
 
 def run(ops: Sequence[str], dtypes: Sequence[str], archs: Sequence[int], dims: Sequence[int]) -> int:
