@@ -13,6 +13,10 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dit_fast.config", "print the model zoo: depth, width, heads, patch, tokens, params, Gflops"),
+    "train": ("dit_fast.train", "train a DiT (no arguments: a small one on the built-in digits, in minutes on a CPU)"),
+    "sample": ("dit_fast.sample", "sample a trained DiT into a PNG grid and an ADM-evaluator .npz"),
+    "evaluate": ("dit_fast.metrics", "score digit samples (class accuracy, Frechet distance) or compare statistics"),
+    "extract-latents": ("dit_fast.vae", "encode an image folder once into memory-mapped VAE latents for training"),
     "convert": ("dit_fast.checkpoints", "convert checkpoints between official .pt / train.py, dit-fast and diffusers"),
 }
 

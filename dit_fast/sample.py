@@ -1,0 +1,329 @@
+"""Sample images from a trained DiT: a PNG grid and, with ``--npz``, an ADM-evaluator ``.npz``.
+
+Loads our checkpoints (training ``.pt`` files, the dit-fast safetensors format), official ``.pt`` files (e.g.
+``DiT-XL-2-256x256.pt``) and diffusers folders through ``dit_fast.checkpoints``. Samplers: the paper's DDPM
+(``--sampler ddpm``, 250 respaced steps), DDIM and DPM-Solver++(2M), with classifier-free guidance on 3 channels
+(official) or all eps channels and an optional guidance interval. Latent models are decoded with a LOCAL VAE folder
+(``--vae``; see ``dit_fast.vae``). ImageNet classes are given by id (0..999; e.g. 207 golden retriever, 360 otter,
+387 lesser panda, 974 geyser, 88 macaw, 979 valley, 417 balloon, 279 arctic fox): no class-name table is shipped.
+
+For FID-50K, shard across processes (rank r samples its contiguous slice; rank 0 merges the slices into one
+``.npz`` with ``arr_0`` (N, H, W, 3) uint8 and ``labels`` (N,)):
+
+    torchrun --nproc_per_node 8 -m dit_fast.cli sample --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema \\
+        --num-samples 50000 --cfg-scale 1.5 --npz samples.npz
+
+Seeding: sample i's initial noise comes from a generator seeded by (seed, i), so with a deterministic sampler
+(ddim with eta 0, dpm++) a sample does not depend on the batch size or the number of processes; the DDPM sampler's
+per-step noise comes from each batch's generator state (seed, first index of the batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dit_fast.data import mix_seed
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+def initial_noise(seed: int, indices: range, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """x_T for the samples ``indices``: (len(indices), *shape), each from its own generator seeded (seed, i)."""
+    out = torch.empty((len(indices), *shape))
+    for row, i in enumerate(indices):
+        out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, i)))
+    return out.to(device)
+
+
+def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels: torch.Tensor, *,
+                 sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
+                 guide_channels: int | str = 3, interval: tuple[int, int] | None = None, null_class: int,
+                 clip_denoised: bool = False, diffusion_steps: int = 1000, progress: bool = False) -> torch.Tensor:
+    """Run one sampler from ``noise`` (N, C, H, W) for ``labels`` (N,): -> samples (N, C, H, W) float32.
+
+    ``model(x, t, y)`` is the network; guidance (``cfg_scale`` > 1) runs it on ``[x; x]`` with ``[y; null_class]``
+    through ``dit_fast.diffusion.CFGModel``.
+    """
+    from dit_fast.diffusion import CFGModel, create_diffusion
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    guided = CFGModel(model, cfg_scale, null_class, guide_channels=guide_channels, interval=interval)
+    kwargs = {"noise": noise, "clip_denoised": clip_denoised, "model_kwargs": {"y": labels},
+              "device": noise.device, "progress": progress}
+    shape = tuple(noise.shape)
+    if sampler == "ddpm":
+        return create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).p_sample_loop(guided, shape, **kwargs)
+    if sampler == "ddim":
+        return create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).ddim_sample_loop(
+            guided, shape, **kwargs)
+    return create_diffusion("", diffusion_steps=diffusion_steps).dpm_solver_sample_loop(
+        guided, shape, num_steps=num_steps, **kwargs)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "ddpm", num_steps: int = 250,
+             cfg_scale: float = 1.0, guide_channels: int | str = 3, interval: tuple[int, int] | None = None,
+             seed: int = 0, first_index: int = 0, batch_size: int = 32, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, clip_denoised: bool = False, progress: bool = True) -> torch.Tensor:
+    """Sample a DiT for every label: labels (N,) -> (N, C, H, W) float32 in the model's space (pixels or scaled
+    latents), on the CPU. Sample k is global sample ``first_index + k`` for seeding (see the module docstring).
+
+    ``dtype`` bf16 runs the network under autocast (the sampler's arithmetic stays fp32).
+    """
+    cfg = model.config
+    labels = labels.to(torch.long)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
+        raise ValueError(f"class ids must be in [0, {cfg.num_classes - 1}], got min {int(labels.min())}, max "
+                         f"{int(labels.max())}")
+    if cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
+        raise ValueError("this model was trained without label dropout (no null class): guidance needs cfg_scale 1")
+    device = torch.device(device)
+    autocast = dtype != torch.float32
+
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return model(x, t, y).float()
+
+    shape = (cfg.in_channels, *cfg.grid_input)
+    out = []
+    starts = range(0, len(labels), batch_size)
+    for start in tqdm(starts, desc="sample", disable=not progress or len(starts) == 1):
+        idx = range(first_index + start, first_index + min(start + batch_size, len(labels)))
+        torch.manual_seed(mix_seed(seed, idx.start, 1))  # DDPM's per-step noise
+        z = sample_batch(forward, initial_noise(seed, idx, shape, device), labels[start: start + len(idx)].to(device),
+                         sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, guide_channels=guide_channels,
+                         interval=interval, null_class=cfg.num_classes, clip_denoised=clip_denoised,
+                         progress=progress and len(starts) == 1)
+        out.append(z.float().cpu())
+    return torch.cat(out) if out else torch.empty((0, *shape))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 with the official rounding ``127.5 x + 128``."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int = 8, padding: int = 2,
+              scale: int = 0) -> Path:
+    """Write images (N, C, H, W) float in [-1, 1] or (N, H, W, C) uint8 as one PNG grid, ``nrow`` per row.
+
+    ``scale`` > 1 enlarges each image by pixel repetition (default: so small images are at least 64 px). Written
+    atomically.
+    """
+    arr = to_uint8(images) if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"expected images (N, H, W, 1|3), got {arr.shape}")
+    n, h, w, c = arr.shape
+    scale = scale or max(1, math.ceil(64 / max(h, w)))
+    arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = np.zeros((padding + nrows * (h + padding), padding + ncol * (w + padding), c), dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        y0, x0 = padding + r * (h + padding), padding + q * (w + padding)
+        grid[y0: y0 + h, x0: x0 + w] = arr[k]
+    path = Path(path)
+    _atomic(path, lambda f: Image.fromarray(grid[..., 0] if c == 1 else grid).save(f, format="PNG"))
+    return path
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_npz(path: str | os.PathLike, shards: list[np.ndarray | str | os.PathLike], labels: np.ndarray) -> Path:
+    """Write an ADM-evaluator ``.npz``: ``arr_0`` (N, H, W, 3) uint8 streamed from ``shards`` (arrays or ``.npy``
+    paths, concatenated in order, never all in memory) and ``labels`` (N,). Atomic."""
+    arrays = [np.load(s, mmap_mode="r") if not isinstance(s, np.ndarray) else s for s in shards]
+    n = sum(len(a) for a in arrays)
+    if n != len(labels):
+        raise ValueError(f"{n} images but {len(labels)} labels")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (n, *arrays[0].shape[1:])}
+
+    def write(f: Any) -> None:
+        with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_2_0(out, header)
+                for a in arrays:
+                    for i in range(0, len(a), 1024):
+                        out.write(np.ascontiguousarray(a[i: i + 1024], dtype=np.uint8).tobytes())
+            with zf.open("labels.npy", "w") as out:
+                np.lib.format.write_array(out, np.asarray(labels, dtype=np.int64))
+
+    path = Path(path)
+    _atomic(path, write)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def load_model(ckpt: str, *, model_name: str | None, image_size: int | None, num_classes: int | None,
+               impl: str, device: torch.device, vae_factor: int = 8) -> tuple[torch.nn.Module, str]:
+    """Load any supported checkpoint (eval mode) on ``device``; returns the model and a one-line description.
+
+    ``--model``/``--image-size``/``--num-classes`` only fill what the file does not store; where it stores them
+    and they differ, the checkpoint loader's error says so.
+    """
+    from dit_fast.checkpoints import load_checkpoint
+
+    options: dict[str, Any] = {}
+    if model_name is not None:
+        options["model_name"] = model_name
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    if image_size is not None:
+        options["input_size"] = image_size // vae_factor
+    model_cls = None
+    if impl == "fast":
+        from dit_fast.model import DiTFast
+
+        model_cls = DiTFast
+    result = load_checkpoint(ckpt, model_cls=model_cls, device=device, **options)
+    return result.model, result.summary().splitlines()[0] + f"; numerics {result.numerics}"
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint: a dit-fast training .pt or safetensors folder/file, an official .pt, or a "
+                             "diffusers DiT folder")
+    parser.add_argument("--model", default=None, help="zoo name (e.g. DiT-XL/2), for files that store no config")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="pixel side, for files that store no config (latent side = image size / 8)")
+    parser.add_argument("--num-classes", type=int, default=None, help="for files that store no config")
+    parser.add_argument("--vae", default=None, help="LOCAL diffusers AutoencoderKL folder (needed for latent models)")
+    parser.add_argument("--class-labels", type=int, nargs="*", default=None,
+                        help="class ids to sample, cycled over --num-samples (default: uniformly random classes)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="images in total (default: the number of --class-labels, else 16)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--guide-channels", default="3", choices=["3", "all"],
+                        help="3: the official (channels 0..2 of 4); all: every eps channel")
+    parser.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="apply guidance only at original timesteps LO..HI (e.g. 0 700)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward batch, per process")
+    parser.add_argument("--out", default="sample.png", help="PNG grid path (of the first --grid-images samples)")
+    parser.add_argument("--grid-images", type=int, default=64)
+    parser.add_argument("--npz", default=None, help="also write all samples as an ADM-evaluator .npz")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network autocast dtype")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--impl", choices=["fast", "reference"], default=None,
+                        help="DiTFast or the plain reference model (default: fast)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Sample a trained DiT into a PNG grid (and an ADM .npz), sharded across torchrun processes."""
+    from dit_fast.train import setup_distributed
+
+    if args.num_sampling_steps < 1 or args.batch_size < 1 or (args.num_samples is not None and args.num_samples < 1):
+        raise SystemExit("dit-fast sample: --num-sampling-steps, --batch-size and --num-samples must be >= 1")
+    if args.cfg_scale < 1.0:
+        raise SystemExit(f"dit-fast sample: --cfg-scale {args.cfg_scale} < 1 (1 disables guidance)")
+    try:
+        d = setup_distributed(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"dit-fast sample: {e}") from None
+    import torch.distributed as dist
+
+    shard_path = None
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        impl = args.impl or "fast"
+        model, description = load_model(args.ckpt, model_name=args.model, image_size=args.image_size,
+                                        num_classes=args.num_classes, impl=impl, device=d.device)
+        cfg = model.config
+        vae = None
+        if cfg.in_channels == 4:
+            if args.vae is None:
+                raise ValueError("this is a latent model (4 channels): pass --vae, a local AutoencoderKL folder "
+                                 "(e.g. stabilityai/sd-vae-ft-ema downloaded with huggingface-cli)")
+            from dit_fast.vae import VAE
+
+            vae = VAE(args.vae, device=d.device)
+        if args.compile:
+            model.compile()
+        n = args.num_samples or (len(args.class_labels) if args.class_labels else 16)
+        if args.class_labels:
+            labels = torch.tensor(args.class_labels, dtype=torch.long).repeat(math.ceil(n / len(args.class_labels)))[:n]
+        else:
+            labels = torch.randint(0, cfg.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
+        bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
+        if len(bad):
+            raise ValueError(f"class ids {sorted(set(bad.tolist()))} are out of range: this model has "
+                             f"{cfg.num_classes} classes (0..{cfg.num_classes - 1})")
+        per_rank = math.ceil(n / d.world_size)
+        lo, hi = min(n, d.rank * per_rank), min(n, (d.rank + 1) * per_rank)
+        if d.is_main:
+            print(f"{description}\nsampling {n} images ({args.sampler}-{args.num_sampling_steps}, cfg "
+                  f"{args.cfg_scale}, guide {args.guide_channels}) on {d.world_size} process(es)", flush=True)
+        z = generate(model, labels[lo:hi], sampler=args.sampler, num_steps=args.num_sampling_steps,
+                     cfg_scale=args.cfg_scale, guide_channels="all" if args.guide_channels == "all" else 3,
+                     interval=tuple(args.guidance_interval) if args.guidance_interval else None, seed=args.seed,
+                     first_index=lo, batch_size=args.batch_size, device=d.device,
+                     dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                     progress=d.is_main and not args.no_progress)
+        if vae is not None:
+            z = torch.cat([vae.decode(z[i: i + args.batch_size]).cpu() for i in range(0, len(z), args.batch_size)])
+        images = to_uint8(z)  # (n_rank, H, W, C)
+        if images.shape[-1] == 1:
+            images = images.repeat(3, axis=-1)  # the ADM evaluator expects RGB
+        if d.enabled:
+            out_dir = Path(args.npz or args.out).resolve().parent
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shard_path = out_dir / f".sample-shard-{d.rank:05d}-{os.getppid()}.npy"
+            np.save(shard_path, images)
+            dist.barrier()
+        if d.is_main:
+            shards: list[Any] = [images]
+            if d.enabled:
+                shards = [out_dir / f".sample-shard-{r:05d}-{os.getppid()}.npy" for r in range(d.world_size)]
+            first = np.concatenate([np.load(s, mmap_mode="r")[: args.grid_images] if not isinstance(s, np.ndarray)
+                                    else s[: args.grid_images] for s in shards])[: args.grid_images]
+            save_grid(first, args.out, nrow=max(1, int(math.sqrt(len(first)))))
+            print(f"wrote {args.out} ({len(first)} images)")
+            if args.npz:
+                write_npz(args.npz, shards, labels.numpy())
+                print(f"wrote {args.npz} (arr_0 ({n}, {images.shape[1]}, {images.shape[2]}, 3) uint8, labels)")
+        if d.enabled:
+            dist.barrier()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"dit-fast sample: {e}") from None
+    finally:
+        if shard_path is not None:
+            with contextlib.suppress(OSError):
+                shard_path.unlink()
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
