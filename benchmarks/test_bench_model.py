@@ -1,0 +1,120 @@
+"""Model level: one inference forward, and one training step, of a config per implementation.
+
+Groups "<config> batch <B> forward" and "<config> batch <B> train step" compare, on the same weights and inputs, the
+plain reference (eager and ``torch.compile``d whole), DiTFast (eager, and ``DiTFast.compile()``) and diffusers
+(forward only, when installed). Work per call: ``dit_fast.gflops(config) * 2 * batch`` hardware GFLOP for a forward,
+3x that for a training step (forward + backward of ``mean(out^2)``, no optimizer step). Every case records the
+keys of ``benchmarks.common`` (``gflops``, ``frac_ceiling`` against the run's matmul ceiling, ``mfu`` on a GPU) and
+fails when its output (forward) or its parameter gradients (training step) miss the parity bound against the fp32
+reference. Models run in eval mode (no label dropout, so every implementation sees the same labels); gradients flow.
+
+CPU default: DiT-S/2 on 32x32x4 latents in fp32 (``--dit-batch 8`` for the issue's batch of 8); GPU: DiT-XL/2 in
+bf16. For example::
+
+    .venv/bin/pytest benchmarks/test_bench_model.py --benchmark-only --dit-batch 8 --dit-rounds 5
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.common import (
+    BenchSettings,
+    MatmulCeiling,
+    forward_gflop,
+    impl_model,
+    make_inputs,
+    max_rel_err,
+    oracle_model,
+    record_and_check,
+    run_timed,
+    settings_from_config,
+    strict_fp32,
+)
+
+TRAIN_IMPLS = ("reference", "reference+compile", "dit_fast", "dit_fast+compile")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    settings = settings_from_config(metafunc.config)
+    if "forward_impl" in metafunc.fixturenames:
+        metafunc.parametrize("forward_impl", [i for i in settings.impls])
+    if "train_impl" in metafunc.fixturenames:
+        metafunc.parametrize("train_impl", [i for i in TRAIN_IMPLS if settings.wants(i)])
+
+
+@functools.lru_cache(maxsize=8)
+def trainable_model(impl: str, config_name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A trainable copy of ``impl`` (the shared benchmark models are frozen): same weights, gradients on.
+
+    Reference and DiTFast only; "+compile" compiles the copy as the forward level does (the reference whole,
+    DiTFast with its own ``compile()``).
+    """
+    eager = impl_model(impl.removesuffix("+compile"), config_name, device, dtype)
+    module = copy.deepcopy(eager.module).requires_grad_(True)
+    if impl.endswith("+compile"):
+        return module.compile() if eager.impl == "dit_fast" else torch.compile(module)
+    return module
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One forward + backward; returns every parameter gradient, flattened and concatenated in fp32."""
+    model.zero_grad(set_to_none=True)
+    model(x, t, y).float().square().mean().backward()
+    return torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def train_oracle(bench_settings: BenchSettings):
+    """(fp32 reference gradients, the plain reference's own gradient error in the run's dtype) for the model level's
+    config and batch."""
+    size = bench_settings.sizing("model")
+    device, dtype = bench_settings.device, bench_settings.dtype
+    x, t, y = make_inputs(size.config, size.batch, device)
+    with strict_fp32():
+        exact = _train_step(trainable_model("reference", size.config, device, torch.float32), x, t, y)
+        reference_err = 0.0
+        if dtype != torch.float32:
+            plain = trainable_model("reference", size.config, device, dtype)
+            reference_err = max_rel_err(_train_step(plain, x.to(dtype), t, y), exact)
+    return exact, reference_err
+
+
+def test_forward(benchmark, bench_settings: BenchSettings, matmul_ceiling: MatmulCeiling, forward_impl: str) -> None:
+    """One inference forward (no grad): images/s and GFLOP/s; output checked against the fp32 reference."""
+    size = bench_settings.sizing("model")
+    device, dtype = bench_settings.device, bench_settings.dtype
+    benchmark.group = f"{size.config} batch {size.batch} forward"
+    model = impl_model(forward_impl, size.config, device, dtype)
+    x, t, y = make_inputs(size.config, size.batch, device)
+    out = run_timed(benchmark, lambda: model(x, t, y), device, size.rounds)
+    with strict_fp32(), torch.no_grad():
+        exact = oracle_model(size.config, device, model.numerics)(x, t, y)
+        reference_err = 0.0
+        if dtype != torch.float32:
+            reference_err = max_rel_err(impl_model("reference", size.config, device, dtype)(x, t, y), exact)
+    record_and_check(benchmark, impl=forward_impl, case=f"{size.config} batch {size.batch} forward",
+                     gflop=forward_gflop(size.config, size.batch), images=size.batch, output=out, oracle=exact,
+                     settings=bench_settings, ceiling=matmul_ceiling, model=size.config, reference_err=reference_err)
+
+
+def test_train_step(benchmark, bench_settings: BenchSettings, matmul_ceiling: MatmulCeiling, train_oracle,
+                    train_impl: str) -> None:
+    """One training step (forward + backward): images/s and GFLOP/s (3x a forward); every parameter gradient checked
+    against the fp32 reference's."""
+    size = bench_settings.sizing("model")
+    device, dtype = bench_settings.device, bench_settings.dtype
+    benchmark.group = f"{size.config} batch {size.batch} train step"
+    model = trainable_model(train_impl, size.config, device, dtype)
+    x, t, y = make_inputs(size.config, size.batch, device)
+    x = x.to(dtype)
+    grads = run_timed(benchmark, lambda: _train_step(model, x, t, y), device, size.rounds, grad=True)
+    exact, reference_err = train_oracle
+    record_and_check(benchmark, impl=train_impl, case=f"{size.config} batch {size.batch} train step",
+                     gflop=3 * forward_gflop(size.config, size.batch), images=size.batch, output=grads, oracle=exact,
+                     settings=bench_settings, ceiling=matmul_ceiling, model=size.config, reference_err=reference_err)
