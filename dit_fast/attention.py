@@ -42,7 +42,8 @@ class AttentionBackend:
 
     ``fn`` maps qkv (N, T, 3, H, hd) to (N, T, H, hd). ``package`` is the optional module it needs (probed lazily),
     ``pip_name`` its distribution and ``extra`` the dit-fast extra that installs it. ``devices``, ``dtypes``,
-    ``max_head_dim`` and ``head_dim_multiple`` bound the inputs (``None``: any).
+    ``max_head_dim`` and ``head_dim_multiple`` bound the inputs (``None``: any); ``cuda_dtypes`` further restricts
+    the dtypes on CUDA.
     """
 
     name: str
@@ -53,6 +54,7 @@ class AttentionBackend:
     extra: str | None = None
     devices: tuple[str, ...] | None = None
     dtypes: tuple[torch.dtype, ...] | None = None
+    cuda_dtypes: tuple[torch.dtype, ...] | None = None
     max_head_dim: int | None = None
     head_dim_multiple: int = 1
 
@@ -65,9 +67,10 @@ class AttentionBackend:
             return f"the {self.package} package is not installed; install it with {self.install_hint()}"
         if self.devices is not None and device_type not in self.devices:
             return f"it runs on {'/'.join(self.devices)} tensors, got {device_type}"
-        if self.dtypes is not None and dtype not in self.dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
-            return f"it supports {names}, got {str(dtype).removeprefix('torch.')}"
+        for allowed, where in ((self.dtypes, ""), (self.cuda_dtypes if device_type == "cuda" else None, " on cuda")):
+            if allowed is not None and dtype not in allowed:
+                names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+                return f"it supports {names}{where}, got {str(dtype).removeprefix('torch.')}"
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
             return f"it supports head dim <= {self.max_head_dim}, got {head_dim}"
         if head_dim % self.head_dim_multiple:
@@ -159,7 +162,7 @@ BACKENDS: dict[str, AttentionBackend] = {
                          pip_name="xformers", extra="xformers", devices=("cuda",)),
         AttentionBackend("sdpa", sdpa_attention, "F.scaled_dot_product_attention, PyTorch picks the kernel"),
         AttentionBackend("sdpa_flash", _forced_sdpa("FLASH_ATTENTION"), "SDPA forced to its flash kernel",
-                         max_head_dim=256),
+                         cuda_dtypes=_HALF, max_head_dim=256),
         AttentionBackend("sdpa_cudnn", _forced_sdpa("CUDNN_ATTENTION"), "SDPA forced to its cuDNN kernel",
                          devices=("cuda",), dtypes=_HALF),
         AttentionBackend("sdpa_efficient", _forced_sdpa("EFFICIENT_ATTENTION"),

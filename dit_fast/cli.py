@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dit_fast.config", "print the model zoo: depth, width, heads, patch, tokens, params, Gflops"),
+    "env": ("dit_fast.env", "print installed attention/kernel backends and what auto picks on this machine"),
     "train": ("dit_fast.train", "train a DiT (no arguments: a small one on the built-in digits, in minutes on a CPU)"),
     "sample": ("dit_fast.sample", "sample a trained DiT into a PNG grid and an ADM-evaluator .npz"),
     "evaluate": ("dit_fast.metrics", "score digit samples (class accuracy, Frechet distance) or compare statistics"),

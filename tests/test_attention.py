@@ -160,3 +160,14 @@ def test_cuda_backends_match_oracle(dtype):
         err = max_rel_err(A.attention(qkv, name), ref)
         bound = 1e-5 if dtype == torch.float32 else 2 * plain_err + 1e-3
         assert err <= bound, f"{name} {dtype}: error {err:.3g} > {bound:.3g}"
+
+
+def test_env_command_reports_backends_and_auto_choice(capsys):
+    from dit_fast.cli import main
+
+    assert main(["env", "--device", "cpu", "--head-dim", "72"]) == 0
+    out = capsys.readouterr().out
+    assert "attention backends on cpu, head dim 72" in out
+    assert "auto picks for fp32: sdpa" in out
+    assert "flash_attn" in out and "sdpa_cudnn" in out
+    assert "fused kernels: auto picks 'torch' on cpu" in out
