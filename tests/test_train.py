@@ -1,0 +1,171 @@
+"""Training: exact resume after SIGKILL (with a corrupt newest checkpoint), 1 vs 2 processes, smoke run, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_fast.cli import main as cli_main
+from dit_fast.train import atomic_save, list_checkpoints, load_train_checkpoint, resolve_resume
+from tests.helpers import assert_close
+
+TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--impl", "reference", "--no-eval",
+        "--no-progress", "--threads", "1", "--log-every", "1000"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train_cmd(results: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dit_fast.cli", "train", "--results-dir", str(results), *TINY, *extra]
+
+
+def _final(results: Path) -> dict:
+    (exp,) = results.iterdir()
+    return load_train_checkpoint(list_checkpoints(exp / "checkpoints")[-1])
+
+
+def _assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a["step"] == b["step"] and (a["epoch"], a["index"]) == (b["epoch"], b["index"])
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            if atol == 0.0:
+                assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+            else:
+                assert_close(a[part][k], b[part][k], atol=atol, rtol=atol, name=f"{part}.{k}")
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    steps = "80"
+    args = ["--max-steps", steps, "--global-batch-size", "16", "--ckpt-every", "2", "--keep-last", "3"]
+    # The killed run: stopped with SIGKILL as soon as a few checkpoints exist, mid-run.
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed_dir, *args), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list(killed_dir.glob("*/checkpoints/*.pt"))
+        if len(ckpts) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    (exp,) = killed_dir.iterdir()
+    ckpts = list_checkpoints(exp / "checkpoints")
+    assert ckpts and int(ckpts[-1].stem) < int(steps), "the run finished before it could be killed"
+    # Corrupt (truncate) the newest checkpoint: resuming must fall back to the previous one and say so.
+    if len(ckpts) >= 2:
+        data = ckpts[-1].read_bytes()
+        ckpts[-1].write_bytes(data[: len(data) // 2])
+    resumed = subprocess.run(_train_cmd(killed_dir, *args, "--resume", "auto"), env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    out = resumed.stdout + resumed.stderr
+    assert "resuming from" in out
+    if len(ckpts) >= 2:
+        assert "unreadable" in out and "falling back" in out
+
+    straight = subprocess.run(_train_cmd(tmp_path / "straight", *args), env=ENV, capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    a, b = _final(killed_dir), _final(tmp_path / "straight")
+    assert a["step"] == int(steps)
+    _assert_same_state(a, b)
+    for k, v in a["opt"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(t, b["opt"]["state"][k][name]), f"optimizer {k}.{name} differs"
+
+
+def test_two_processes_match_one(tmp_path):
+    """torchrun (gloo) with 2 processes x 4 samples = 1 process x 8 samples: same data, same draws."""
+    args = ["--max-steps", "3", "--global-batch-size", "8", "--ckpt-every", "1000", "--global-seed", "5"]
+    one = subprocess.run(_train_cmd(tmp_path / "one", *args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "dit_fast.cli", "train", "--results-dir", str(tmp_path / "two"), *TINY, *args],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = _final(tmp_path / "one"), _final(tmp_path / "two")
+    assert b["world_size"] == 2 and len(b["rng"]) == 2
+    _assert_same_state(a, b, atol=1e-5)  # fp32 all-reduce rounding only
+
+
+def test_digits_smoke_run_writes_grid_and_metrics(tmp_path, capsys):
+    rc = cli_main(["train", "--results-dir", str(tmp_path), "--hidden-size", "32", "--depth", "1", "--num-heads",
+                   "2", "--impl", "reference", "--max-steps", "3", "--global-batch-size", "8", "--no-progress",
+                   "--threads", "1", "--eval-samples", "20", "--eval-steps", "2"])
+    assert rc == 0
+    (exp,) = tmp_path.iterdir()
+    assert {"samples.png", "metrics.json", "log.txt", "log.csv", "config.json"} <= {p.name for p in exp.iterdir()}
+    out = capsys.readouterr().out
+    assert "guided" in out and "class accuracy" in out and "Frechet distance" in out
+    header, *rows = (exp / "log.csv").read_text().splitlines()
+    assert header.startswith("step,epoch,loss") and len(rows) == 1
+    ckpt = _final(tmp_path)
+    assert ckpt["config"]["hidden_size"] == 32 and ckpt["config"]["in_channels"] == 1 and ckpt["step"] == 3
+    # The training checkpoint is a superset of the official train.py dict, so the checkpoint loader reads it.
+    from dit_fast.checkpoints import load_checkpoint
+
+    loaded = load_checkpoint(list_checkpoints(exp / "checkpoints")[-1])
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, ckpt["ema"][k])
+
+
+def test_atomic_save_and_resume_fallbacks(tmp_path, capsys):
+    ckpt_dir = tmp_path / "000-x" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    good = {"format": "dit-fast-train-v1", "step": 2}
+    atomic_save(good, ckpt_dir / "0000002.pt")
+    (ckpt_dir / "0000004.pt").write_bytes(b"truncated")
+    (ckpt_dir / ".0000006.pt.tmp-123").write_bytes(b"partial write")  # ignored
+    assert [p.name for p in list_checkpoints(ckpt_dir)] == ["0000002.pt", "0000004.pt"]
+    logged: list[str] = []
+    ckpt, path = resolve_resume("auto", str(tmp_path), logged.append)
+    assert path.name == "0000002.pt" and ckpt["step"] == 2
+    assert "0000004.pt" in logged[0] and "falling back" in logged[0]
+    (ckpt_dir / "0000002.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable checkpoint"):
+        resolve_resume(str(ckpt_dir / "0000004.pt"), str(tmp_path), logged.append)
+    assert resolve_resume("auto", str(tmp_path / "empty"), logged.append) is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_resume(str(tmp_path / "nope.pt"), str(tmp_path), logged.append)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--data-path", "/nonexistent/folder"], "does not exist"),
+    (["--global-batch-size", "4000"], "fewer than one global batch"),
+    (["--num-classes", "3"], "smaller than the 10 classes"),
+    (["--resume", "/nonexistent/ckpt.pt"], "does not exist"),
+    (["--keep-last", "0"], "--keep-last must be >= 1"),
+])
+def test_train_errors(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli_main(["train", "--results-dir", str(tmp_path), *TINY, "--max-steps", "1", *argv])
+
+
+def test_empty_image_folder_and_missing_vae(tmp_path):
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no images"):
+        cli_main(["train", "--results-dir", str(tmp_path / "r"), *TINY, "--data-path", str(tmp_path / "data")])
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a" / "x.png")
+    with pytest.raises(SystemExit, match="needs --vae"):
+        cli_main(["train", "--results-dir", str(tmp_path / "r"), *TINY, "--data-path", str(tmp_path / "data")])
+    with pytest.raises(SystemExit, match="VAE folder .* does not exist|diffusers"):
+        cli_main(["train", "--results-dir", str(tmp_path / "r"), *TINY, "--data-path", str(tmp_path / "data"),
+                  "--vae", str(tmp_path / "no-vae")])
+
+
+def test_resume_with_another_config_fails(tmp_path):
+    base = ["train", "--results-dir", str(tmp_path), *TINY, "--max-steps", "2", "--global-batch-size", "8"]
+    assert cli_main(base) == 0
+    with pytest.raises(SystemExit, match="another model config.*hidden_size"):
+        cli_main([*base, "--resume", "auto", "--hidden-size", "64"])
