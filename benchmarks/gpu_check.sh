@@ -44,13 +44,19 @@ export PYTHONUNBUFFERED=1
 
 # Per-step limits (seconds); the remaining budget caps each.
 T_ENV=30 T_INSTALL=120 T_COMPILE=90 T_TESTS=150 T_REPORT=30
-# Benchmark levels: file, limit, options. Sizes are the suite's GPU defaults (DiT-XL/2, DDPM-250, DDIM-50, all 12
-# configs in the scaling sweep); GPU_CHECK_BENCH_ARGS overrides them.
+# Benchmark levels, most important first (a level that would start with under 15 s of budget left is skipped):
+# name, file, limit (s), then options for that level (whitespace-separated words). Sizes are the suite's GPU defaults
+# (DiT-XL/2 bf16 at batch 32 for the model level; DDPM-250 and DDIM-50 at batch 4; all 12 configs at batch 16 in the
+# scaling sweep), with cuts to fit the budget: the model level's forward and training step run as separate sessions
+# (compiling the XL/2 training step is the slowest part of the check), 5 timed rounds in the sweep, and no
+# reference+compile in the sampling loops (the model level compares the compiled reference).
+# GPU_CHECK_BENCH_ARGS, added last, overrides any of them.
 LEVELS=(
-    "kernels benchmarks/test_bench_kernels.py 60"
-    "scaling benchmarks/test_bench_scaling.py 60"
-    "model benchmarks/test_bench_model.py 120"
-    "sampling benchmarks/test_bench_sampling.py 150"
+    "model-forward benchmarks/test_bench_model.py 120 -k test_forward"
+    "sampling benchmarks/test_bench_sampling.py 120 --dit-impls reference,dit_fast,dit_fast+compile,diffusers"
+    "kernels benchmarks/test_bench_kernels.py 90"
+    "scaling benchmarks/test_bench_scaling.py 75 --dit-rounds 5"
+    "model-train benchmarks/test_bench_model.py 120 -k test_train_step"
 )
 
 ROWS=()
@@ -102,8 +108,11 @@ trap 'rm -rf "$WORK"' EXIT
 
 # 1. The machine: GPU, driver, CUDA, versions.
 if [[ $DRY_RUN != 1 ]]; then
-    GPU_INFO=$(timeout "$T_ENV" nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 \
-        || echo "nvidia-smi failed or is missing")
+    if ! GPU_INFO=$(timeout "$T_ENV" nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+        2>&1); then
+        GPU_INFO="nvidia-smi failed or is missing: $GPU_INFO"
+    fi
+    GPU_INFO=${GPU_INFO//$'\n'/; }  # one line per GPU -> one line
     PY_INFO=$(timeout "$T_ENV" "$PYTHON" -c 'import platform, torch
 try:
     import triton; tv = triton.__version__
@@ -136,13 +145,15 @@ run_step tests "$T_TESTS" "$PYTHON" -m pytest tests/ -q -p no:cacheprovider -k "
 # 5. The benchmark levels, one pytest session each, so a hang or crash loses one level, not all.
 JSONS=()
 for level in "${LEVELS[@]}"; do
-    read -r name file limit <<< "$level"
+    read -r name file limit level_args <<< "$level"
+    read -r -a level_args <<< "${level_args:-}"
     if [[ $DRY_RUN != 1 && ! -f $file ]]; then
         record "bench $name" "skipped ($file not found)" 0 "-"
         continue
     fi
     run_step "bench $name" "$limit" "$PYTHON" -m pytest "$file" -q -p no:cacheprovider --benchmark-only \
-        --dit-device cuda --benchmark-json="$WORK/$name.json" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
+        --dit-device cuda --benchmark-json="$WORK/$name.json" ${level_args[@]+"${level_args[@]}"} \
+        ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
     [[ -s $WORK/$name.json ]] && JSONS+=("$WORK/$name.json")
 done
 

@@ -164,8 +164,8 @@ def test_gpu_check_script_parses_and_dry_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     steps = {line.split(":")[0].removeprefix("[dry-run] ") for line in lines if "timeout" in line}
-    assert steps == {"install", "compile_check", "tests", "bench kernels", "bench scaling", "bench model",
-                     "bench sampling", "report"}
+    assert steps == {"install", "compile_check", "tests", "bench kernels", "bench scaling", "bench model-forward",
+                     "bench model-train", "bench sampling", "report"}
     assert all("python-for-test" in line for line in lines if "timeout" in line)
     assert any("pytest tests/" in line and "-k cuda\\ or\\ gpu" in line for line in lines)
     assert any("test_bench_sampling.py" in line and "--dit-device cuda" in line and "--benchmark-json=" in line
