@@ -1,0 +1,129 @@
+"""Sampling: PNG grid + ADM .npz, seeding independent of batch size and process count, latent decoding, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dit_fast.checkpoints import save_checkpoint
+from dit_fast.cli import main as cli_main
+from dit_fast.reference import DiT
+from dit_fast.sample import generate, save_grid, write_npz
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _tiny(in_channels: int = 1, input_size: int = 8) -> DiT:
+    torch.manual_seed(0)
+    model = DiT(input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=1, num_heads=2,
+                num_classes=10)
+    with torch.no_grad():  # leave adaLN-Zero's zero init so the output depends on the input and label
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(_tiny(), path)
+    return path
+
+
+def test_sample_writes_grid_and_npz(ckpt, tmp_path):
+    out, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+    rc = cli_main(["sample", "--ckpt", str(ckpt), "--class-labels", "3", "7", "--num-samples", "5", "--sampler",
+                   "ddim", "--num-sampling-steps", "3", "--cfg-scale", "2", "--guide-channels", "all", "--out",
+                   str(out), "--npz", str(npz), "--batch-size", "2", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    assert Image.open(out).size[0] > 0
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (5, 8, 8, 3) and f["arr_0"].dtype == np.uint8
+        assert f["labels"].tolist() == [3, 7, 3, 7, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "s.npz"]  # no temp files
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
+def test_samples_do_not_depend_on_batch_size(sampler):
+    model, labels = _tiny(), torch.tensor([1, 2, 3, 4, 5])
+    kw = {"sampler": sampler, "num_steps": 3, "cfg_scale": 1.5, "seed": 3, "progress": False}
+    whole = generate(model, labels, batch_size=5, **kw)
+    parts = torch.cat([generate(model, labels[:2], batch_size=2, **kw),
+                       generate(model, labels[2:], batch_size=3, first_index=2, **kw)])
+    assert whole.shape == (5, 1, 8, 8)
+    if sampler == "ddpm":  # per-step noise comes from each batch's generator: only x_T is shared
+        assert not torch.equal(whole, parts)
+    else:
+        torch.testing.assert_close(whole, parts, atol=1e-6, rtol=1e-6)
+
+
+def test_two_process_sampling_matches_one(ckpt, tmp_path):
+    common = ["--ckpt", str(ckpt), "--num-samples", "5", "--sampler", "dpm++", "--num-sampling-steps", "2",
+              "--cfg-scale", "1.5", "--seed", "4", "--no-progress", "--batch-size", "2"]
+    assert cli_main(["sample", *common, "--out", str(tmp_path / "1.png"), "--npz", str(tmp_path / "1.npz")]) == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "dit_fast.cli", "sample", *common, "--out", str(tmp_path / "2.png"), "--npz",
+                          str(tmp_path / "2.npz")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    with np.load(tmp_path / "1.npz") as a, np.load(tmp_path / "2.npz") as b:
+        assert np.array_equal(a["labels"], b["labels"])
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # fp rounding of uint8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.npz", "1.png", "2.npz", "2.png"]  # shards removed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
+def test_latent_model_decodes_with_vae(tmp_path):
+    from diffusers.models import AutoencoderKL
+
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                  latent_channels=4).save_pretrained(tmp_path / "vae")
+    save_checkpoint(_tiny(in_channels=4, input_size=4), tmp_path / "latent")
+    base = ["sample", "--ckpt", str(tmp_path / "latent"), "--num-samples", "3", "--sampler", "ddim",
+            "--num-sampling-steps", "2", "--no-progress", "--out", str(tmp_path / "g.png")]
+    with pytest.raises(SystemExit, match="latent model .* pass --vae"):
+        cli_main(base)
+    assert cli_main([*base, "--vae", str(tmp_path / "vae"), "--npz", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (3, 8, 8, 3)  # 4x4 latents, VAE factor 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--class-labels", "3", "10"], r"class ids \[10\] are out of range"),
+    (["--class-labels", "-1"], "out of range"),
+    (["--cfg-scale", "0.5"], "cfg-scale"),
+    (["--num-samples", "0"], ">= 1"),
+])
+def test_sample_errors(ckpt, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        cli_main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), "--no-progress", *extra])
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_checkpoint_and_wrong_config(tmp_path, ckpt):
+    with pytest.raises(SystemExit, match="not found"):
+        cli_main(["sample", "--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "g.png")])
+    with pytest.raises(SystemExit, match="num_classes|classes"):
+        cli_main(["sample", "--ckpt", str(ckpt), "--num-classes", "7", "--out", str(tmp_path / "g.png")])
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_grid_and_npz_helpers(tmp_path):
+    imgs = torch.linspace(-1, 1, 6 * 3 * 4 * 4).view(6, 3, 4, 4)
+    path = save_grid(imgs, tmp_path / "g.png", nrow=3, padding=1, scale=2)
+    assert Image.open(path).size == (1 + 3 * 9, 1 + 2 * 9)
+    arr = np.random.RandomState(0).randint(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    np.save(tmp_path / "shard.npy", arr[2:])
+    write_npz(tmp_path / "x.npz", [arr[:2], tmp_path / "shard.npy"], np.arange(5))
+    with np.load(tmp_path / "x.npz") as f:
+        assert np.array_equal(f["arr_0"], arr) and f["labels"].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="labels"):
+        write_npz(tmp_path / "y.npz", [arr], np.arange(4))
+    assert not (tmp_path / "y.npz").exists()
