@@ -20,6 +20,15 @@ block i+1's attention branch), and qkv is viewed as (N, T, 3, H, hd) for the att
 Backends: ``kernels="auto" | "triton" | "torch"`` (the ``dit_fast.kernels`` ops, which run Triton on CUDA, or their
 plain-PyTorch ``_ref`` twins, which ``torch.compile`` fuses on the CPU; default ``$DIT_FAST_KERNELS``, else Triton
 on CUDA and torch elsewhere) and ``attention=`` any name of ``dit_fast.attention.BACKENDS`` or "auto".
+
+Precision: the conditioning (timestep MLP, c) is computed in fp32 whatever the weights' dtype; the fused norms
+compute in fp32 internally; the residual stream keeps the embedded tokens' dtype (bf16 with bf16 weights, fp32 under
+autocast, as in the reference).
+
+Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
+weight, and on the CPU the linears run through oneDNN with bias and GELU fused (``fused_linear``). With gradients,
+each block computes its own adaLN from its own parameters (no cross-block parameter access, so FSDP can wrap
+blocks and per-block gradient checkpointing recomputes just the block) and the linears are ``nn.Linear`` calls.
 """
 
 from __future__ import annotations
@@ -120,6 +129,48 @@ def _autocasting(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
+@torch.library.custom_op("dit_fast::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """CPU inference linear through oneDNN with the bias (and tanh-GELU) fused into the GEMM.
+
+    x (..., K), weight (N, K), bias (N,) -> (..., N). An opaque custom op, so ``torch.compile`` keeps it as one call
+    (inductor lowers oneDNN's own op only for frozen weights). No autograd: used only where no gradient is needed.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                              "tanh" if gelu else "")
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fused_linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (then tanh-GELU when ``gelu``): (..., K) -> (..., N).
+
+    CPU inference (no gradient needed, no autocast, fp32/bf16, a plain ``nn.Linear`` without hooks) runs
+    ``onednn_linear``: oneDNN's AVX-512 GEMMs with the bias and GELU in the epilogue are faster than ``F.linear``'s
+    BLAS call plus separate bias and GELU passes. Everything else calls the module.
+    """
+    weight = getattr(layer, "weight", None)
+    if (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and type(layer) is nn.Linear
+        and x.dtype == weight.dtype
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or layer.bias.requires_grad))
+        and not _autocasting("cpu")
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+    ):
+        return onednn_linear(x, weight, layer.bias, gelu)
+    out = layer(x)
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
 class PatchEmbed(nn.Module):
     """(N, C, H, W) -> (N, T, D): patchify, then one GEMM with the conv weight viewed as (D, C*p*p) (no copy).
 
@@ -172,9 +223,9 @@ class Attention(nn.Module):
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, T, 3, H, hd), a view
+        qkv = fused_linear(x, self.qkv).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, T, 3, H, hd), a view
         out = attention(qkv, self.backend)  # (N, T, H, hd)
-        return self.proj(out.flatten(2))  # (N, T, D)
+        return fused_linear(out.flatten(2), self.proj)  # (N, T, D)
 
 
 class Mlp(nn.Module):
@@ -187,7 +238,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))  # (N, T, D)
+        return fused_linear(fused_linear(x, self.fc1, gelu=True), self.fc2)  # (N, T, D)
 
 
 class DiTFastBlock(nn.Module):
@@ -254,7 +305,7 @@ class FinalLayer(nn.Module):
         shift, scale = mod.to(x.dtype).chunk(2, dim=1)
         _, h = ops.gated_residual_modulated_layer_norm(x, gate.to(x.dtype), branch.to(x.dtype), shift, scale,
                                                        self.norm_final.eps)
-        return self.linear(h)
+        return fused_linear(h, self.linear)
 
 
 class DiTFast(nn.Module):

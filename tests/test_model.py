@@ -246,6 +246,22 @@ def test_training_computes_modulation_per_block():
     assert all(b.adaLN_modulation[1].weight.grad.abs().sum() > 0 for b in fast.blocks)
 
 
+@pytest.mark.skipif(not M._ONEDNN, reason="PyTorch built without oneDNN")
+def test_cpu_inference_linears_run_through_onednn(monkeypatch):
+    calls: list[bool] = []
+    real = M.onednn_linear
+    monkeypatch.setattr(M, "onednn_linear", lambda x, w, b, gelu: calls.append(gelu) or real(x, w, b, gelu))
+    ref, fast = pair()
+    x, t, y = inputs(ref)
+    with torch.no_grad():
+        close(fast(x, t, y), ref(x, t, y), "oneDNN forward")
+    depth = ref.config.depth
+    assert len(calls) == 4 * depth + 1 and sum(calls) == depth  # qkv, proj, fc1 (+GELU), fc2 per block; final
+    calls.clear()
+    fast(x, t, y).sum().backward()  # gradients: nn.Linear
+    assert calls == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # training features
 
