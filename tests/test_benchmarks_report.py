@@ -141,8 +141,8 @@ def test_record_and_check_records_then_fails_over_tolerance():
 
 def test_settings_defaults_and_errors():
     s = BenchSettings.from_options(device="cpu")
-    assert s.dtype == torch.float32 and (s.ddpm_steps, s.ddim_steps) == (10, 5)
-    assert s.sizing("sampling").config == "DiT-S/8" and s.sizing("scaling").config is None
+    assert s.dtype == torch.float32 and (s.ddpm_steps, s.ddim_steps) == (6, 3)
+    assert s.sizing("sampling").config == "DiT-S/2" and s.sizing("scaling").config is None
     s = BenchSettings.from_options(device="cpu", config="DiT-XL-2", batch=3, scaling_configs="DiT-S-8, DiT-B/4",
                                    impls="reference,dit_fast")
     assert s.sizing("model").config == "DiT-XL/2" and s.sizing("model").batch == 3
