@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -114,7 +115,7 @@ class BenchSettings:
 
     @property
     def kind(self) -> str:
-        """"cuda" or "cpu": the key of ``LEVEL_DEFAULTS`` and friends."""
+        """The device kind, "cuda" or "cpu": the key of ``LEVEL_DEFAULTS`` and friends."""
         return "cuda" if self.device.type == "cuda" else "cpu"
 
     @property
@@ -540,22 +541,21 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
 
-def _version(module: str) -> str | None:
-    if importlib.util.find_spec(module) is None:
-        return None
+def _installed_version(distribution: str) -> str:
+    """The installed version of a package, read from its metadata (nothing is imported)."""
     try:
-        return str(importlib.import_module(module).__version__)
-    except Exception as e:  # a broken optional install must not break the benchmark run
-        return f"unimportable ({type(e).__name__})"
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
-def environment_info(device: torch.device, extra_modules: Sequence[str] = ("triton", "diffusers")) -> dict[str, Any]:
+def environment_info(device: torch.device, packages: Sequence[str] = ("triton", "diffusers")) -> dict[str, Any]:
     """What the report names: CPU model and cores, torch and optional package versions, GPU and driver."""
     info: dict[str, Any] = {
         "cpu_model": cpu_model_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "bench_device": str(device),
     }
-    info.update({module: _version(module) or "not installed" for module in extra_modules})
+    info.update({package: _installed_version(package) for package in packages})
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
         if shutil.which("nvidia-smi"):
