@@ -176,6 +176,7 @@ def test_gpu_check_script_parses_and_dry_runs(tmp_path):
 
 def test_tiny_real_run_writes_json_and_report(tmp_path):
     """One real (CPU) benchmark session: options, fixtures, extra_info, and the report written at session end."""
+    pytest.importorskip("pytest_benchmark", reason="the benchmark suite runs on pytest-benchmark (the dev extra)")
     json_path = tmp_path / "run.json"
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_bench_scaling.py", "-q", "-p", "no:cacheprovider",
            "--benchmark-only", "--dit-device", "cpu", "--dit-scaling-configs", "DiT-S/8", "--dit-rounds", "1",
