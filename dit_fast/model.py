@@ -129,7 +129,8 @@ def _autocasting(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
-@torch.library.custom_op("dit_fast::onednn_linear", mutates_args=())
+@torch.library.custom_op("dit_fast::onednn_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor")
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     """CPU inference linear through oneDNN with the bias (and tanh-GELU) fused into the GEMM.
 
@@ -315,6 +316,10 @@ class DiTFast(nn.Module):
         kernels: "auto", "triton" or "torch" (see the module docstring).
         attention: "auto" or a ``dit_fast.attention.BACKENDS`` name ("flash_attn", "sdpa", "math", ...).
         gradient_checkpointing: recompute each block in the backward (also settable as an attribute).
+
+    Precision: run in fp32 (on CUDA, TF32 matmuls are the user's switch: ``torch.backends.cuda.matmul.allow_tf32 =
+    True``), in bf16/fp16 (``model.to(torch.bfloat16)``) or under ``torch.autocast``; conditioning and norm
+    statistics stay in fp32.
 
     Fast paths: inference (no grad) computes every block's adaLN in one batched GEMM with a cached stacked weight;
     ``forward_with_cfg`` embeds the shared latent half once; ``compile()`` compiles the repeated block once
