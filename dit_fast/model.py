@@ -26,9 +26,9 @@ compute in fp32 internally; the residual stream keeps the embedded tokens' dtype
 autocast, as in the reference).
 
 Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
-weight, and on the CPU the linears run through oneDNN with bias and GELU fused (``fused_linear``). With gradients,
-each block computes its own adaLN from its own parameters (no cross-block parameter access, so FSDP can wrap
-blocks and per-block gradient checkpointing recomputes just the block) and the linears are ``nn.Linear`` calls.
+weight. With gradients, each block computes its own adaLN from its own parameters (no cross-block parameter access,
+so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). On the CPU the linears run
+through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear``.
 """
 
 from __future__ import annotations
@@ -132,10 +132,11 @@ def _autocasting(device_type: str) -> bool:
 @torch.library.custom_op("dit_fast::onednn_linear", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor")
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    """CPU inference linear through oneDNN with the bias (and tanh-GELU) fused into the GEMM.
+    """CPU linear through oneDNN with the bias (and, for inference, tanh-GELU) fused into the GEMM.
 
-    x (..., K), weight (N, K), bias (N,) -> (..., N). An opaque custom op, so ``torch.compile`` keeps it as one call
-    (inductor lowers oneDNN's own op only for frozen weights). No autograd: used only where no gradient is needed.
+    x (..., K), weight (N, K) (any strides), bias (N,) or None -> (..., N). A custom op, so ``torch.compile`` keeps it
+    as one opaque call (inductor lowers oneDNN's own op only for frozen weights); differentiable without the GELU,
+    its backward GEMMs run through oneDNN too.
     """
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                               "tanh" if gelu else "")
@@ -146,15 +147,38 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bo
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _onednn_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, bias, gelu = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.gelu = gelu
+
+
+def _onednn_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    if ctx.gelu:
+        raise RuntimeError("onednn_linear with the fused GELU is inference-only; apply F.gelu after it to train")
+    x, weight = ctx.saved_tensors
+    grad_2d = grad.reshape(-1, grad.shape[-1])  # (M, N)
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = onednn_linear(grad, weight.t(), None, False)  # (..., N) @ (N, K) -> (..., K)
+    if ctx.needs_input_grad[1]:
+        grad_weight = onednn_linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None, False)  # (N, M) @ (M, K)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad_2d.sum(0)  # (N,)
+    return grad_x, grad_weight, grad_bias, None
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup_context)
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def fused_linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch.Tensor:
     """``layer(x)`` (then tanh-GELU when ``gelu``): (..., K) -> (..., N).
 
-    CPU inference (no gradient needed, no autocast, fp32/bf16, a plain ``nn.Linear`` without hooks) runs
-    ``onednn_linear``: oneDNN's AVX-512 GEMMs with the bias and GELU in the epilogue are faster than ``F.linear``'s
-    BLAS call plus separate bias and GELU passes. Everything else calls the module.
+    On the CPU (fp32/bf16, no autocast, a plain ``nn.Linear`` without hooks) this runs ``onednn_linear``: oneDNN's
+    AVX-512 GEMMs with the bias in the epilogue (and the GELU too when no gradient is needed) beat ``F.linear``'s
+    BLAS call plus separate bias and GELU passes, forward and backward. Everything else calls the module.
     """
     weight = getattr(layer, "weight", None)
     if (
@@ -163,12 +187,15 @@ def fused_linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch
         and type(layer) is nn.Linear
         and x.dtype == weight.dtype
         and x.dtype in (torch.float32, torch.bfloat16)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or layer.bias.requires_grad))
         and not _autocasting("cpu")
         and not (layer._forward_hooks or layer._forward_pre_hooks)
     ):
-        return onednn_linear(x, weight, layer.bias, gelu)
-    out = layer(x)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or layer.bias.requires_grad)
+        if not needs_grad:
+            return onednn_linear(x, weight, layer.bias, gelu)
+        out = onednn_linear(x, weight, layer.bias, False)
+    else:
+        out = layer(x)
     return F.gelu(out, approximate="tanh") if gelu else out
 
 

@@ -247,7 +247,7 @@ def test_training_computes_modulation_per_block():
 
 
 @pytest.mark.skipif(not M._ONEDNN, reason="PyTorch built without oneDNN")
-def test_cpu_inference_linears_run_through_onednn(monkeypatch):
+def test_cpu_linears_run_through_onednn(monkeypatch):
     calls: list[bool] = []
     real = M.onednn_linear
     monkeypatch.setattr(M, "onednn_linear", lambda x, w, b, gelu: calls.append(gelu) or real(x, w, b, gelu))
@@ -258,8 +258,27 @@ def test_cpu_inference_linears_run_through_onednn(monkeypatch):
     depth = ref.config.depth
     assert len(calls) == 4 * depth + 1 and sum(calls) == depth  # qkv, proj, fc1 (+GELU), fc2 per block; final
     calls.clear()
-    fast(x, t, y).sum().backward()  # gradients: nn.Linear
-    assert calls == []
+    fast(x, t, y).sum().backward()  # with gradients: the same GEMMs, GELU applied separately
+    assert len(calls) >= 4 * depth + 1 and not any(calls)
+
+
+@pytest.mark.skipif(not M._ONEDNN, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_gradients(bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, generator=g).transpose(1, 2).requires_grad_(True)  # (2, 5, 8), non-contiguous
+    w = torch.randn(3, 8, generator=g).requires_grad_(True)
+    b = torch.randn(3, generator=g).requires_grad_(True) if bias else None
+    grad = torch.randn(2, 5, 3, generator=g)
+    out = M.onednn_linear(x, w, b, False)
+    expected = F.linear(x, w, b)
+    close(out, expected, "onednn_linear")
+    got = torch.autograd.grad(out, [x, w] + ([b] if bias else []), grad)
+    want = torch.autograd.grad(expected, [x, w] + ([b] if bias else []), grad)
+    for name, a, e in zip(("x", "weight", "bias"), got, want, strict=False):
+        close(a, e, f"grad {name}")
+    with pytest.raises(RuntimeError, match="fused GELU is inference-only"):
+        M.onednn_linear(x, w, b, True).sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
