@@ -83,7 +83,9 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
     """Sample a DiT for every label: labels (N,) -> (N, C, H, W) float32 in the model's space (pixels or scaled
     latents), on the CPU. Sample k is global sample ``first_index + k`` for seeding (see the module docstring).
 
-    ``dtype`` bf16 runs the network under autocast (the sampler's arithmetic stays fp32).
+    ``dtype`` bf16 runs the network under autocast (the sampler's arithmetic stays fp32). ``clip_denoised``
+    clips each x_0 prediction to [-1, 1]: right for pixel-space models; latent models are not clipped (as the
+    official sample_ddp.py).
     """
     cfg = model.config
     labels = labels.to(torch.long)
@@ -292,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
                      cfg_scale=args.cfg_scale, guide_channels="all" if args.guide_channels == "all" else 3,
                      interval=tuple(args.guidance_interval) if args.guidance_interval else None, seed=args.seed,
                      first_index=lo, batch_size=args.batch_size, device=d.device,
-                     dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                     dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, clip_denoised=vae is None,
                      progress=d.is_main and not args.no_progress)
         if vae is not None:
             z = torch.cat([vae.decode(z[i: i + args.batch_size]).cpu() for i in range(0, len(z), args.batch_size)])

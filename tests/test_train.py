@@ -84,17 +84,19 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path):
-    """torchrun (gloo) with 2 processes x 4 samples = 1 process x 8 samples: same data, same draws."""
+    """torchrun (gloo) with 2 processes x 4 samples, DDP and FSDP2, = 1 process x 8 samples: same data and draws."""
     args = ["--max-steps", "3", "--global-batch-size", "8", "--ckpt-every", "1000", "--global-seed", "5"]
     one = subprocess.run(_train_cmd(tmp_path / "one", *args), env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "dit_fast.cli", "train", "--results-dir", str(tmp_path / "two"), *TINY, *args],
-                         env=ENV, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stdout + two.stderr
-    a, b = _final(tmp_path / "one"), _final(tmp_path / "two")
-    assert b["world_size"] == 2 and len(b["rng"]) == 2
-    _assert_same_state(a, b, atol=1e-5)  # fp32 all-reduce rounding only
+    reference = _final(tmp_path / "one")
+    for mode, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "dit_fast.cli", "train", "--results-dir", str(tmp_path / mode), *TINY, *args,
+                              *extra], env=ENV, capture_output=True, text=True, timeout=300)
+        assert two.returncode == 0, two.stdout + two.stderr
+        b = _final(tmp_path / mode)
+        assert b["world_size"] == 2 and len(b["rng"]) == 2
+        _assert_same_state(reference, b, atol=1e-5)  # fp32 all-reduce / reduce-scatter rounding only
 
 
 def test_digits_smoke_run_writes_grid_and_metrics(tmp_path, capsys):
