@@ -190,10 +190,12 @@ def fused_linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch
         and not _autocasting("cpu")
         and not (layer._forward_hooks or layer._forward_pre_hooks)
     ):
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or layer.bias.requires_grad)
+        bias = layer.bias
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad))
         if not needs_grad:
-            return onednn_linear(x, weight, layer.bias, gelu)
-        out = onednn_linear(x, weight, layer.bias, False)
+            return onednn_linear(x, weight, bias, gelu)
+        out = onednn_linear(x, weight, bias, False)
     else:
         out = layer(x)
     return F.gelu(out, approximate="tanh") if gelu else out
