@@ -33,6 +33,7 @@ through oneDNN with the bias fused (and the GELU, without gradients): ``fused_li
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -71,14 +72,12 @@ KERNELS: dict[str, KernelOps] = {
     "torch": KernelOps(K.modulated_layer_norm_ref, K.gated_residual_modulated_layer_norm_ref, K.patchify_ref,
                        K.unpatchify_ref),
 }
-_HAS_TRITON: list[bool] = []
 _warned_kernels: set[str] = set()
 
 
+@functools.cache
 def _triton_installed() -> bool:
-    if not _HAS_TRITON:
-        _HAS_TRITON.append(importlib.util.find_spec("triton") is not None)
-    return _HAS_TRITON[0]
+    return importlib.util.find_spec("triton") is not None
 
 
 def require_kernels(name: str) -> str:

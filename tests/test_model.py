@@ -365,7 +365,7 @@ def test_bad_backend_names_and_missing_packages(monkeypatch):
     monkeypatch.setitem(A._OPTIONAL, "flash_attn", None)
     with pytest.raises(ImportError, match=r"pip install dit-fast\[flash\]"):
         DiTFast(**TINY, attention="flash_attn")
-    monkeypatch.setattr(M, "_HAS_TRITON", [False])
+    monkeypatch.setattr(M, "_triton_installed", lambda: False)
     with pytest.raises(ImportError, match=r"pip install dit-fast\[triton\]"):
         DiTFast(**TINY, kernels="triton")
 
