@@ -126,13 +126,13 @@ print(f"Python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 fi
 
 # 2. dit-fast importable (installed from this checkout, offline).
-if [[ $DRY_RUN == 1 ]] || ! "$PYTHON" -c "import dit_fast.kernels" >/dev/null 2>&1; then
+if [[ $DRY_RUN == 1 ]] || ! timeout "$T_ENV" "$PYTHON" -c "import dit_fast.kernels" >/dev/null 2>&1; then
     [[ $DRY_RUN == 1 ]] && echo "[dry-run] (install only if dit_fast is not importable)"
     run_step install "$T_INSTALL" "$PYTHON" -m pip install -e . --no-deps --no-build-isolation
 fi
 
 # 3. Every kernel compiles for sm_80 and sm_90.
-if [[ $DRY_RUN == 1 ]] || "$PYTHON" -c "import importlib.util as u, sys
+if [[ $DRY_RUN == 1 ]] || timeout "$T_ENV" "$PYTHON" -c "import importlib.util as u, sys
 sys.exit(u.find_spec('dit_fast.kernels.compile_check') is None)" >/dev/null 2>&1; then
     run_step compile_check "$T_COMPILE" "$PYTHON" -m dit_fast.kernels.compile_check
 else
