@@ -564,7 +564,9 @@ class Trainer:
             x = sample_latents(torch.stack([mean, std], dim=1), eps, 0.18215)
         return x, y, t, noise
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """One optimisation step on this rank's batch: x (n, C, H, W) data (images, latents or posterior moments
+        (n, 2, C, h, w)), y (n,) labels. Returns the (unsynchronised) loss terms and the learning rate."""
         x, y, t, noise = self._draws(x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True))
         warm = self.recipe["warmup_steps"]
         lr = self.recipe["lr"] * (min(1.0, (self.step + 1) / warm) if warm else 1.0)
@@ -777,6 +779,9 @@ def main(args: argparse.Namespace) -> int:
     for name in ("keep_last", "eval_samples", "diffusion_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"dit-fast train: --{name.replace('_', '-')} must be >= 1")
+    if args.eval and args.data_path is not None:
+        raise SystemExit("dit-fast train: --eval scores the built-in digits only; for other data run `dit-fast "
+                         "sample --npz` and the ADM evaluator")
     try:
         d = setup_distributed(args.device)
     except RuntimeError as e:
@@ -787,8 +792,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(args, d)
         trainer.run()
-        do_eval = args.eval if args.eval is not None else args.data_path is None
-        if do_eval and args.data_path is None and d.is_main:
+        if args.data_path is None and args.eval is not False and d.is_main:
             evaluate_digits_run(trainer, args)
     except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         raise SystemExit(f"dit-fast train: {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -171,3 +172,39 @@ def test_resume_with_another_config_fails(tmp_path):
     assert cli_main(base) == 0
     with pytest.raises(SystemExit, match="another model config.*hidden_size"):
         cli_main([*base, "--resume", "auto", "--hidden-size", "64"])
+
+
+def test_gradient_checkpointing_and_clipping_change_nothing_but_memory(tmp_path):
+    base = ["train", *TINY, "--max-steps", "2", "--global-batch-size", "8"]
+    assert cli_main([*base, "--results-dir", str(tmp_path / "plain")]) == 0
+    assert cli_main([*base, "--results-dir", str(tmp_path / "ckpt"), "--grad-checkpointing"]) == 0
+    _assert_same_state(_final(tmp_path / "plain"), _final(tmp_path / "ckpt"), atol=1e-6)
+    assert cli_main([*base, "--results-dir", str(tmp_path / "clip"), "--max-grad-norm", "1e-3"]) == 0
+    clipped, plain = _final(tmp_path / "clip"), _final(tmp_path / "plain")
+    assert any(not torch.equal(clipped["model"][k], plain["model"][k]) for k in plain["model"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
+def test_train_on_latents_and_on_images_with_online_vae(tmp_path):
+    from diffusers.models import AutoencoderKL
+    from PIL import Image
+
+    from dit_fast.vae import VAE, extract_latents
+
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                  latent_channels=4).save_pretrained(tmp_path / "vae")
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (20, 16), (40 * i, 100, 200 if c == "a" else 0)).save(tmp_path / "images" / c / f"{i}.png")
+    extract_latents(str(tmp_path / "images"), VAE(tmp_path / "vae"), tmp_path / "latents", 16, progress=False)
+    common = ["train", *TINY, "--model", "DiT-S/2", "--max-steps", "2", "--global-batch-size", "4",
+              "--image-size", "16", "--num-workers", "0"]
+    assert cli_main([*common, "--results-dir", str(tmp_path / "r1"), "--data-path", str(tmp_path / "latents")]) == 0
+    latent = _final(tmp_path / "r1")
+    assert latent["config"]["in_channels"] == 4 and latent["config"]["input_size"] == 8
+    assert latent["config"]["num_classes"] == 2
+    assert cli_main([*common, "--results-dir", str(tmp_path / "r2"), "--data-path", str(tmp_path / "images"),
+                     "--vae", str(tmp_path / "vae")]) == 0
+    assert _final(tmp_path / "r2")["config"] == latent["config"]
