@@ -240,6 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--impl", choices=["fast", "reference"], default=None,
                         help="DiTFast or the plain reference model (default: fast)")
     parser.add_argument("--no-progress", action="store_true")
@@ -259,6 +260,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"dit-fast sample: {e}") from None
     import torch.distributed as dist
 
+    if args.threads is not None and d.device.type == "cpu":
+        torch.set_num_threads(args.threads)
     shard_path = None
     try:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -63,7 +63,7 @@ CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 DIGITS_MODEL = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=4, num_heads=2,
                          num_classes=10)
 DIGITS_RECIPE = {"global_batch_size": 32, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999, "ema_warmup": True,
-                 "max_steps": 9000, "epochs": 1000, "log_every": 500, "ckpt_every": 3000, "image_size": 8,
+                 "max_steps": 8000, "epochs": 1000, "log_every": 500, "ckpt_every": 2000, "image_size": 8,
                  "threads": 1}
 OFFICIAL_RECIPE = {"global_batch_size": 256, "lr": 1e-4, "warmup_steps": 0, "ema_decay": 0.9999, "ema_warmup": False,
                    "max_steps": None, "epochs": 1400, "log_every": 100, "ckpt_every": 50_000, "image_size": 256,
@@ -179,12 +179,6 @@ def build_model(config: DiTConfig, impl: str = "reference", attention: str = "au
         numerics = d.pop("numerics")
         return DiTFast(**d, numerics=numerics, kernels=kernels, attention=attention)
     raise ValueError(f"unknown --impl {impl!r}; choose 'fast' or 'reference'")
-
-
-def default_impl() -> str:
-    import importlib.util
-
-    return "fast" if importlib.util.find_spec("dit_fast.model") is not None else "reference"
 
 
 def apply_grad_checkpointing(model: nn.Module) -> None:
@@ -499,7 +493,7 @@ class Trainer:
         args, d = self.args, self.d
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        impl = args.impl or default_impl()
+        impl = args.impl or "fast"
         torch.manual_seed(args.global_seed)  # identical initial weights on every rank and for every world size
         model = build_model(self.config, impl, args.attention, args.kernels).to(d.device)
         ema = build_model(self.config, impl, args.attention, args.kernels).to(d.device)
@@ -623,7 +617,7 @@ class Trainer:
 
     def run(self) -> None:
         args, d = self.args, self.d
-        self.log(f"DiT {self.config} | {self.params:,} parameters | impl {args.impl or default_impl()} | "
+        self.log(f"DiT {self.config} | {self.params:,} parameters | impl {args.impl or 'fast'} | "
                  f"{len(self.dataset):,} samples ({args.data_path or 'built-in digits'}) | world size "
                  f"{d.world_size} | global batch {self.global_batch} | steps {self.step} -> {self.total_steps} | "
                  f"device {d.device} | dtype {self.dtype} | results {self.exp_dir}")
@@ -734,7 +728,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="default 1400 (official); 1000 for the digits")
     g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many steps (default: the epochs' worth; 9000 for the digits)")
+                   help="stop after this many steps (default: the epochs' worth; 8000 for the digits)")
     g.add_argument("--global-batch-size", type=int, default=None, help="default 256 (official); 32 for the digits")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4; 2e-3 for the digits)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (default 0; 100 digits)")
@@ -754,14 +748,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads for tensor ops (default: 1 for the small digits model, whose matmuls are too "
                         "small to split; else PyTorch's)")
     g.add_argument("--impl", choices=["fast", "reference"], default=None,
-                   help="DiTFast (fused kernels) or the plain reference model (default: fast when available)")
+                   help="DiTFast (fused kernels, the default) or the plain reference model")
     g.add_argument("--attention", default="auto", help="attention backend of the fast model")
     g.add_argument("--kernels", default="auto", help="kernel backend of the fast model")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
     g = parser.add_argument_group("logging, checkpoints, evaluation")
     g.add_argument("--log-every", type=int, default=None, help="default 100 (500 for the digits)")
-    g.add_argument("--ckpt-every", type=int, default=None, help="default 50000 (3000 for the digits)")
+    g.add_argument("--ckpt-every", type=int, default=None, help="default 50000 (2000 for the digits)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones are deleted)")
     g.add_argument("--resume", default=None,
                    help="'auto' (newest checkpoint under --results-dir, if any), an experiment folder or a .pt")
@@ -770,8 +764,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="after training the digits: sample, write a grid, report accuracy and Frechet distance")
     g.add_argument("--eval-samples", type=int, default=1000, help="digits evaluation: samples (classes cycle)")
     g.add_argument("--eval-cfg-scale", type=float, default=2.0, help="digits evaluation: guidance scale")
-    g.add_argument("--eval-sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++")
-    g.add_argument("--eval-steps", type=int, default=25)
+    g.add_argument("--eval-sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm")
+    g.add_argument("--eval-steps", type=int, default=100)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -143,6 +143,8 @@ def test_extract_latents_and_memmap_sampling(tmp_path):
         dist = vae.model.encode(x[None]).latent_dist
         expected = (dist.mean + dist.std * eps) * 0.18215
         assert_close(sample_latents(m[None], eps, ds.scale_factor), expected, atol=1e-5, rtol=1e-4, name="latent")
+        assert_close(vae.encode(x[None], generator=torch.Generator().manual_seed(7)), expected, atol=1e-5, rtol=1e-4,
+                     name="online latent")
 
     with pytest.raises(FileExistsError, match="already exists"):
         extract_latents(str(images), vae, out, image_size=16, progress=False)
