@@ -41,7 +41,6 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     num_classes = 10
     in_channels = 1
-    latent = False
 
     def __init__(self, image_size: int = DIGITS_SIZE):
         from sklearn.datasets import load_digits
@@ -125,7 +124,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """``root/<class>/<image>`` images, ADM centre-cropped to ``image_size``; items ``(x (3, S, S) in [-1, 1], y)``."""
 
     in_channels = 3
-    latent = False
 
     def __init__(self, root: str | os.PathLike, image_size: int):
         if image_size < 1:
@@ -156,7 +154,6 @@ class LatentDataset(torch.utils.data.Dataset):
     """
 
     in_channels: int
-    latent = True
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
