@@ -12,29 +12,41 @@ CPU default: DiT-S/2 on 32x32x4 latents in fp32 (``--dit-batch 8`` for the issue
 bf16. For example::
 
     .venv/bin/pytest benchmarks/test_bench_model.py --benchmark-only --dit-batch 8 --dit-rounds 5
+
+pytest-benchmark times one implementation after another, so on a shared machine a change of load between cases
+skews their ratios. ``python -m benchmarks.test_bench_model`` measures the same cases interleaved instead (every
+round times each implementation and the matmul ceiling once, in turn) and prints the median over rounds of each
+round's ratios, which such load changes affect far less.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
+import statistics
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 from benchmarks.common import (
+    CEILING_SIZE,
     BenchSettings,
     MatmulCeiling,
     forward_gflop,
     impl_model,
     make_inputs,
+    matmul_operands,
     max_rel_err,
     oracle_model,
     record_and_check,
     run_timed,
     settings_from_config,
     strict_fp32,
+    synchronize,
 )
 
 TRAIN_IMPLS = ("reference", "reference+compile", "dit_fast", "dit_fast+compile")
@@ -118,3 +130,77 @@ def test_train_step(benchmark, bench_settings: BenchSettings, matmul_ceiling: Ma
     record_and_check(benchmark, impl=train_impl, case=f"{size.config} batch {size.batch} train step",
                      gflop=3 * forward_gflop(size.config, size.batch), images=size.batch, output=grads, oracle=exact,
                      settings=bench_settings, ceiling=matmul_ceiling, model=size.config, reference_err=reference_err)
+
+
+def interleaved_ratios(config_name: str, batch: int, rounds: int, device: torch.device, dtype: torch.dtype
+                       ) -> dict[str, dict[str, float]]:
+    """Time every (mode, impl) case and the matmul ceiling once per round, in turn, for ``rounds`` rounds.
+
+    Returns ``{"forward <impl>" | "train <impl>": {"seconds", "gflops", "x_reference", "x_reference_compile",
+    "frac_ceiling"}, "ceiling": {"seconds", "gflops"}}``: medians over rounds, each ratio taken within a round.
+    """
+    x, t, y = make_inputs(config_name, batch, device)
+    x = x.to(dtype)
+    a, b = matmul_operands(device, dtype, CEILING_SIZE["cuda" if device.type == "cuda" else "cpu"])
+    cases: dict[str, tuple[Callable[[], object], float]] = {"ceiling": (lambda: a @ b, 2.0 * a.shape[0] ** 3 / 1e9)}
+    for impl in TRAIN_IMPLS:
+        model = impl_model(impl, config_name, device, dtype)
+        trainable = trainable_model(impl, config_name, device, dtype)
+        cases[f"forward {impl}"] = (functools.partial(_no_grad_call, model, x, t, y), forward_gflop(config_name, batch))
+        cases[f"train {impl}"] = (functools.partial(_train_step, trainable, x, t, y),
+                                  3 * forward_gflop(config_name, batch))
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(rounds + 1):  # round 0 warms up (and compiles)
+        for name, (fn, _) in cases.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if round_:
+                seconds[name].append(time.perf_counter() - start)
+    result: dict[str, dict[str, float]] = {}
+    for name, (_, gflop) in cases.items():
+        times = seconds[name]
+        row = {"seconds": statistics.median(times), "gflops": gflop / statistics.median(times)}
+        if name != "ceiling":
+            mode = name.split()[0]
+            base, base_c = seconds[f"{mode} reference"], seconds[f"{mode} reference+compile"]
+            row["x_reference"] = statistics.median(r / s for r, s in zip(base, times, strict=True))
+            row["x_reference_compile"] = statistics.median(r / s for r, s in zip(base_c, times, strict=True))
+            row["frac_ceiling"] = statistics.median(c * gflop / (s * cases["ceiling"][1])
+                                                    for c, s in zip(seconds["ceiling"], times, strict=True))
+        result[name] = row
+    return result
+
+
+def _no_grad_call(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+                  ) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x, t, y)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.test_bench_model",
+                                     description="Interleaved model-level speed-ups (median of per-round ratios).")
+    parser.add_argument("--config", default=None, help="model config (default DiT-S/2 on cpu, DiT-XL/2 on cuda)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 8 on cpu, 64 on cuda)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), fp32, bf16, fp16")
+    args = parser.parse_args(argv)
+    settings = BenchSettings.from_options(device=args.device, dtype=args.dtype, config=args.config)
+    config_name = settings.config or ("DiT-XL/2" if settings.kind == "cuda" else "DiT-S/2")
+    batch = args.batch or (64 if settings.kind == "cuda" else 8)
+    result = interleaved_ratios(config_name, batch, args.rounds, settings.device, settings.dtype)
+    print(f"{config_name} batch {batch} {settings.dtype_name} on {settings.device}, {args.rounds} interleaved rounds; "
+          f"matmul ceiling {result['ceiling']['gflops']:.1f} GFLOP/s (median)")
+    print(f"{'case':<28} {'median s':>9} {'GFLOP/s':>8} {'x ref':>7} {'x ref+compile':>14} {'of ceiling':>11}")
+    for name, row in result.items():
+        if name != "ceiling":
+            print(f"{name:<28} {row['seconds']:>9.3f} {row['gflops']:>8.1f} {row['x_reference']:>6.2f}x "
+                  f"{row['x_reference_compile']:>13.2f}x {row['frac_ceiling']:>10.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -134,8 +134,8 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """CPU linear through oneDNN with the bias (and, for inference, tanh-GELU) fused into the GEMM.
 
     x (..., K), weight (N, K) (any strides), bias (N,) or None -> (..., N). A custom op, so ``torch.compile`` keeps it
-    as one opaque call (inductor lowers oneDNN's own op only for frozen weights); differentiable without the GELU,
-    its backward GEMMs run through oneDNN too.
+    as one opaque call (inductor lowers oneDNN's own op only for frozen weights); differentiable without the GELU
+    (the input gradient through oneDNN too; the weight gradient, a GEMM over transposed operands, through ``mm``).
     """
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                               "tanh" if gelu else "")
@@ -162,7 +162,7 @@ def _onednn_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor 
     if ctx.needs_input_grad[0]:
         grad_x = onednn_linear(grad, weight.t(), None, False)  # (..., N) @ (N, K) -> (..., K)
     if ctx.needs_input_grad[1]:
-        grad_weight = onednn_linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None, False)  # (N, M) @ (M, K)
+        grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (N, M) @ (M, K): BLAS reads the transpose
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_2d.sum(0)  # (N,)
     return grad_x, grad_weight, grad_bias, None
