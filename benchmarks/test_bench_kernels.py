@@ -1,8 +1,8 @@
 """Fused kernels (``dit_fast.kernels``) against the unfused PyTorch sequences they replace.
 
 One group per op ("kernel <op>"). On a GPU, each op runs at DiT-XL/2 shapes (T = 256 tokens, D = 1152, bf16, batch 32
-and 256) as three implementations on the same inputs: "pytorch-unfused" (the plain ``<op>_ref`` sequence, eager),
-"torch.compile" (that sequence compiled by inductor) and "dit_fast-triton" (the fused Triton op), forward ("fwd") and
+and 256) as three implementations on the same inputs: "reference" (the plain ``<op>_ref`` sequence, eager),
+"reference+compile" (that sequence compiled by inductor) and "dit_fast" (the fused Triton op), forward ("fwd") and
 forward + backward ("fwd+bwd", for the differentiable row ops). Each round is one ``triton.testing.do_bench`` (L2
 flushed between calls, median of its repetitions) inside the benchmarked callable: the per-call time is
 ``extra_info["seconds"]`` (pytest-benchmark's own columns time whole ``do_bench`` rounds there). On a CPU only the
@@ -106,12 +106,12 @@ OPS: dict[str, KernelOp] = {
 
 
 def _cases() -> list:
-    cases = [pytest.param(op, "pytorch-unfused", "fwd", CPU_BATCH, "cpu", id=f"{op}-cpu-pytorch-unfused-fwd")
+    cases = [pytest.param(op, "reference", "fwd", CPU_BATCH, "cpu", id=f"{op}-cpu-reference-fwd")
              for op in OPS]
     for op, spec in OPS.items():
         for mode in ("fwd", "fwd+bwd") if spec.bwd_streams else ("fwd",):
             for batch in (32, 256):
-                for impl in ("pytorch-unfused", "torch.compile", "dit_fast-triton"):
+                for impl in ("reference", "reference+compile", "dit_fast"):
                     cases.append(pytest.param(op, impl, mode, batch, "cuda", marks=gpu,
                                               id=f"{op}-cuda-B{batch}-{impl}-{mode}"))
     return cases
@@ -166,7 +166,7 @@ def test_kernel(benchmark, op: str, impl: str, mode: str, batch: int, device: st
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokens, hidden = (TOKENS, HIDDEN) if device == "cuda" else (CPU_TOKENS, CPU_HIDDEN)
     args = spec.make_args(batch, tokens, hidden, torch.device(device), dtype)
-    fn = {"pytorch-unfused": spec.ref, "dit_fast-triton": spec.fn}.get(impl) or torch.compile(spec.ref,
+    fn = {"reference": spec.ref, "dit_fast": spec.fn}.get(impl) or torch.compile(spec.ref,
                                                                                               fullgraph=True)
     with torch.no_grad():
         outputs = _as_tuple(spec.ref(*args))

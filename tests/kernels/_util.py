@@ -25,7 +25,8 @@ def run_with_grads(fn: Op, leaves: Sequence[torch.Tensor], build: Callable[..., 
     """
     leaves = [t.detach().clone().requires_grad_() for t in leaves]
     outs = _as_tuple(fn(*build(*leaves)))
-    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grad_outputs, strict=True)])
+    torch.autograd.backward(outs, [g.to(device=o.device, dtype=o.dtype)
+                                   for o, g in zip(outs, grad_outputs, strict=True)])
     return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
 
 
