@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -49,8 +48,16 @@ from torch.utils.checkpoint import checkpoint
 
 from dit_fast import kernels as K
 from dit_fast.attention import attention, require_backend
-from dit_fast.config import CONFIGS, DiTConfig
-from dit_fast.reference import LabelEmbedder, guided_forward, sincos_pos_embed_2d, validate_inputs
+from dit_fast.config import DiTConfig
+from dit_fast.reference import (
+    LabelEmbedder,
+    guided_forward,
+    init_dit_weights,
+    model_constructors,
+    timestep_embedding,
+    validate_inputs,
+)
+from dit_fast.reference import Mlp as ReferenceMlp
 
 KERNELS_ENV_VAR = "DIT_FAST_KERNELS"
 
@@ -108,20 +115,6 @@ def resolve_kernels(name: str, device_type: str) -> str:
             warnings.warn(f"{KERNELS_ENV_VAR}={env} is not usable here (valid: auto, triton with triton installed, "
                           "torch); choosing kernels automatically", stacklevel=3)
     return "triton" if device_type == "cuda" and _triton_installed() else "torch"
-
-
-def _timestep_frequency_embedding(t: torch.Tensor, dim: int, freq_shift: int, max_period: float = 10000.0
-                                  ) -> torch.Tensor:
-    """``dit_fast.reference.timestep_embedding`` with the frequencies made on t's device (no host copy, so it can
-    run inside CUDA-graph capture): t (N,) -> (N, dim) fp32 ``[cos, sin]``."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-                      / (half - freq_shift))  # (half,)
-    args = t[:, None].float() * freqs[None]  # (N, half)
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
-    if dim % 2:
-        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    return embedding
 
 
 def _autocasting(device_type: str) -> bool:
@@ -233,7 +226,7 @@ class TimestepEmbedder(nn.Module):
         self.freq_shift = freq_shift
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = _timestep_frequency_embedding(t, self.frequency_embedding_size, self.freq_shift)  # (N, 256)
+        t_freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)  # (N, 256)
         fc1, fc2 = self.mlp[0], self.mlp[2]
         with torch.autocast(t.device.type, enabled=False):
             h = F.silu(F.linear(t_freq, fc1.weight.float(), fc1.bias.float()))  # (N, D)
@@ -257,14 +250,8 @@ class Attention(nn.Module):
         return fused_linear(out.flatten(2), self.proj)  # (N, T, D)
 
 
-class Mlp(nn.Module):
-    """Linear -> tanh-GELU -> Linear (the official parameter names)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
+class Mlp(ReferenceMlp):
+    """The reference MLP (same parameters) with its linears through ``fused_linear`` (bias + GELU fused on CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_linear(fused_linear(x, self.fc1, gelu=True), self.fc2)  # (N, T, D)
@@ -426,31 +413,7 @@ class DiTFast(nn.Module):
 
     def initialize_weights(self) -> None:
         """The paper's init: Xavier-uniform linears (zero bias), N(0, 0.02) embeddings, adaLN-Zero."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.config.grid_size)[None])
-        # Patch conv initialised like a linear layer over its flattened (C * p * p) inputs.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, the output starts at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_dit_weights(self)
 
     def _ops(self, x: torch.Tensor) -> KernelOps:
         return KERNELS[resolve_kernels(self.kernels, x.device.type)]
@@ -595,19 +558,4 @@ class DiTFast(nn.Module):
         return run
 
 
-def _constructor(name: str) -> Callable[..., DiTFast]:
-    cfg = CONFIGS[name]
-
-    def build(**kwargs: Any) -> DiTFast:
-        args = {"depth": cfg.depth, "hidden_size": cfg.hidden_size, "patch_size": cfg.patch_size,
-                "num_heads": cfg.num_heads}
-        args.update(kwargs)
-        return DiTFast(**args)
-
-    build.__name__ = name.replace("-", "_").replace("/", "_")
-    build.__doc__ = (f"{name} as DiTFast: depth {cfg.depth}, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
-                     f"patch {cfg.patch_size}.")
-    return build
-
-
-DiT_models: dict[str, Callable[..., DiTFast]] = {name: _constructor(name) for name in CONFIGS}
+DiT_models: dict[str, Callable[..., DiTFast]] = model_constructors(DiTFast)

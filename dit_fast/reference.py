@@ -31,8 +31,10 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     official DiT, ``freq_shift=1`` is diffusers' ``Timesteps(downscale_freq_shift=1)``.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / (half - freq_shift))
-    args = t[:, None].float() * freqs.to(t.device)[None]  # (N, half)
+    # Built on t's device (no host-to-device copy, so it can run inside CUDA-graph capture).
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))  # (half,)
+    args = t[:, None].float() * freqs[None]  # (N, half)
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
@@ -236,30 +238,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """The paper's init: Xavier-uniform linears (zero bias), N(0, 0.02) embeddings, adaLN-Zero."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.config.grid_size)[None])
-        # Patch conv initialised like a linear layer over its flattened (C * p * p) inputs.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, the output starts at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_dit_weights(self)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*c) tokens, each in (p, p, c) order -> (N, c, H, W) images."""
@@ -295,6 +274,38 @@ class DiT(nn.Module):
         variance) are never guided, and never more than ``in_channels`` channels are.
         """
         return guided_forward(self.forward, x, t, y, cfg_scale, guide_channels, self.in_channels)
+
+
+def init_dit_weights(model: nn.Module) -> None:
+    """The paper's init, for any module with the DiT layout (``x_embedder.proj``, ``t_embedder.mlp``,
+    ``y_embedder``, ``blocks[i].adaLN_modulation``, ``final_layer``, ``pos_embed``, ``config``): Xavier-uniform
+    linears with zero bias, the patch conv like a linear, N(0, 0.02) embeddings, adaLN-Zero, fixed sin-cos positions.
+    """
+
+    def basic_init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(basic_init)
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_pos_embed_2d(model.pos_embed.shape[-1], model.config.grid_size)[None])
+    # Patch conv initialised like a linear layer over its flattened (C * p * p) inputs.
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    # adaLN-Zero: every block starts as the identity, the output starts at zero.
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
 
 
 def validate_inputs(config: DiTConfig, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
@@ -351,19 +362,25 @@ def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: tor
     return torch.cat([eps, rest], dim=1)
 
 
-def _constructor(name: str) -> Callable[..., DiT]:
-    cfg = CONFIGS[name]
+def model_constructors(cls: type[nn.Module]) -> dict[str, Callable[..., Any]]:
+    """``{"DiT-S/8": build, ...}`` where ``build(**kwargs)`` makes a ``cls`` with that config's depth, width, heads
+    and patch (as the official ``DiT_XL_2(**kwargs)`` functions); kwargs override or add constructor arguments."""
 
-    def build(**kwargs: Any) -> DiT:
-        args = {"depth": cfg.depth, "hidden_size": cfg.hidden_size, "patch_size": cfg.patch_size,
-                "num_heads": cfg.num_heads}
-        args.update(kwargs)
-        return DiT(**args)
+    def constructor(name: str) -> Callable[..., Any]:
+        cfg = CONFIGS[name]
 
-    build.__name__ = name.replace("-", "_").replace("/", "_")
-    build.__doc__ = (f"{name}: depth {cfg.depth}, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
-                     f"patch {cfg.patch_size}.")
-    return build
+        def build(**kwargs: Any) -> Any:
+            args = {"depth": cfg.depth, "hidden_size": cfg.hidden_size, "patch_size": cfg.patch_size,
+                    "num_heads": cfg.num_heads}
+            args.update(kwargs)
+            return cls(**args)
+
+        build.__name__ = name.replace("-", "_").replace("/", "_")
+        build.__doc__ = (f"{name} as {cls.__name__}: depth {cfg.depth}, hidden {cfg.hidden_size}, "
+                         f"{cfg.num_heads} heads, patch {cfg.patch_size}.")
+        return build
+
+    return {name: constructor(name) for name in CONFIGS}
 
 
-DiT_models: dict[str, Callable[..., DiT]] = {name: _constructor(name) for name in CONFIGS}
+DiT_models: dict[str, Callable[..., DiT]] = model_constructors(DiT)
