@@ -7,7 +7,7 @@ an fp32 sampling loop (guidance scale 1.5, the official 3-channel guidance of ``
 forward over the doubled batch); the final latents are checked against the fp32 reference's (with the same
 numerics) on the same draws.
 
-Sizes: on a GPU the paper's DiT-XL/2 with DDPM-250 and DDIM-50 at batch 4; on a CPU DiT-S/2 at batch 1 with
+Sizes: on a GPU the paper's DiT-XL/2 with DDPM-250 and DDIM-50 at batch 4; on a CPU DiT-S/2 at batch 4 with
 DDPM-6 and DDIM-3, so the suite finishes in minutes (``--dit-config``, ``--dit-batch``, ``--dit-sample-steps`` and
 ``--dit-ddim-steps`` override). images/s = batch / median time of one whole sampling loop (VAE decoding excluded).
 """
