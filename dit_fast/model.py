@@ -48,14 +48,11 @@ from torch.utils.checkpoint import checkpoint
 
 from dit_fast import kernels as K
 from dit_fast.attention import attention, require_backend
-from dit_fast.config import DiTConfig
 from dit_fast.reference import (
-    LabelEmbedder,
+    DiT,
     guided_forward,
-    init_dit_weights,
     model_constructors,
     timestep_embedding,
-    validate_inputs,
 )
 from dit_fast.reference import Mlp as ReferenceMlp
 
@@ -324,7 +321,7 @@ class FinalLayer(nn.Module):
         return fused_linear(h, self.linear)
 
 
-class DiTFast(nn.Module):
+class DiTFast(DiT):
     """Drop-in fast DiT: the reference ``DiT`` constructor (plus keyword-only backends), methods and state dict.
 
     Args (beyond the reference's):
@@ -340,6 +337,11 @@ class DiTFast(nn.Module):
     ``forward_with_cfg`` embeds the shared latent half once; ``compile()`` compiles the repeated block once
     (regional) or the whole model; ``cuda_graph()`` captures a fixed-shape forward for sampling loops.
     """
+
+    patch_embed_cls = PatchEmbed
+    timestep_embedder_cls = TimestepEmbedder
+    block_cls = DiTFastBlock
+    final_layer_cls = FinalLayer
 
     def __init__(
         self,
@@ -359,45 +361,16 @@ class DiTFast(nn.Module):
         attention: str = "auto",
         gradient_checkpointing: bool = False,
     ):
-        super().__init__()
-        self.config = DiTConfig(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma, numerics=numerics,
+        super().__init__(
+            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
+            num_classes, learn_sigma, numerics=numerics,
         )
-        cfg = self.config
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = cfg.out_channels
-        self.patch_size = patch_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
         self.gradient_checkpointing = gradient_checkpointing
-        diffusers = numerics == "diffusers"
-
-        # Construction order and module types follow the reference, so a seed gives the same weights.
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=1 if diffusers else 0)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, hidden_size), persistent=True)
-        self.blocks = nn.ModuleList([
-            DiTFastBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps=1e-5 if diffusers else 1e-6)
-            for _ in range(depth)
-        ])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._modulation_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor, torch.Tensor] | None = None
         self.kernels = "auto"
         self.attention = "auto"
         self.set_kernels(kernels)
         self.set_attention_backend(attention)
-        self.initialize_weights()
-
-    @classmethod
-    def from_config(cls, config: DiTConfig, **kwargs: Any) -> DiTFast:
-        """Build from a ``DiTConfig``; ``kwargs`` are the keyword-only options (kernels, attention, ...)."""
-        d = config.to_dict()
-        numerics = d.pop("numerics")
-        return cls(**d, numerics=numerics, **kwargs)
 
     def set_kernels(self, name: str) -> None:
         """Use the "auto", "triton" or "torch" fused ops from now on (ImportError for triton when not installed)."""
@@ -411,20 +384,12 @@ class DiTFast(nn.Module):
         for block in self.blocks:
             block.attn.backend = name
 
-    def initialize_weights(self) -> None:
-        """The paper's init: Xavier-uniform linears (zero bias), N(0, 0.02) embeddings, adaLN-Zero."""
-        init_dit_weights(self)
-
     def _ops(self, x: torch.Tensor) -> KernelOps:
         return KERNELS[resolve_kernels(self.kernels, x.device.type)]
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*c) tokens, each in (p, p, c) order -> (N, c, H, W) images."""
         return self._ops(x).unpatchify(x, self.patch_size, self.out_channels, self.config.grid_size)
-
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
-        """Raise a ValueError/TypeError naming the problem when (x, t, y) do not fit this model."""
-        validate_inputs(self.config, x, t, y)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) latents, t (N,) timesteps in 0..999, y (N,) labels -> (N, out_channels, H, W)."""

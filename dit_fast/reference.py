@@ -189,6 +189,13 @@ class DiT(nn.Module):
     "diffusers") selects the timestep-frequency divisor and MLP-norm eps (see ``DiTConfig``).
     """
 
+    # Component classes. A subclass that computes the same function another way (DiTFast) swaps in its own, with the
+    # same constructor arguments and parameters, so the module tree, state dict and seeded init stay identical.
+    patch_embed_cls: type[nn.Module] = PatchEmbed
+    timestep_embedder_cls: type[nn.Module] = TimestepEmbedder
+    block_cls: type[nn.Module] = DiTBlock
+    final_layer_cls: type[nn.Module] = FinalLayer
+
     def __init__(
         self,
         input_size: int | tuple[int, int] = 32,
@@ -219,22 +226,24 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         diffusers = numerics == "diffusers"
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=1 if diffusers else 0)
+        self.x_embedder = self.patch_embed_cls(patch_size, in_channels, hidden_size)
+        self.t_embedder = self.timestep_embedder_cls(hidden_size, freq_shift=1 if diffusers else 0)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos table; a persistent buffer so it is in the state dict (as in the official checkpoints).
         self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, hidden_size), persistent=True)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps=1e-5 if diffusers else 1e-6) for _ in range(depth)
+            self.block_cls(hidden_size, num_heads, mlp_ratio, mlp_norm_eps=1e-5 if diffusers else 1e-6)
+            for _ in range(depth)
         ])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = self.final_layer_cls(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     @classmethod
-    def from_config(cls, config: DiTConfig) -> DiT:
+    def from_config(cls, config: DiTConfig, **kwargs: Any) -> DiT:
+        """Build from a ``DiTConfig``; ``kwargs`` are a subclass's keyword-only options."""
         d = config.to_dict()
         numerics = d.pop("numerics")
-        return cls(**d, numerics=numerics)
+        return cls(**d, numerics=numerics, **kwargs)
 
     def initialize_weights(self) -> None:
         """The paper's init: Xavier-uniform linears (zero bias), N(0, 0.02) embeddings, adaLN-Zero."""
