@@ -11,8 +11,9 @@
 #   gpu_check.log   every step's full output
 #   bench_gpu.json  the benchmark levels' pytest-benchmark runs merged; bench_gpu.md / bench_gpu.png its report
 #
-# Nothing is fetched from the network: torch and triton must be installed; dit-fast is installed from this checkout
-# with `pip install -e . --no-deps --no-build-isolation` when it is not importable. pytest and pytest-benchmark are
+# Nothing is fetched from the network: torch and triton must be installed. The checkout imports as it is (run from
+# the repository root; `dit_fast/kernels` links to `kernels/`); only when `dit_fast.kernels` is still not importable
+# is dit-fast installed with `pip install -e . --no-deps --no-build-isolation`. pytest and pytest-benchmark are
 # needed for the tests and benchmarks (their steps fail, and the others still run, without them).
 #
 # Environment (all optional):
