@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dit_fast import kernels as K
+from dit_fast import reference
 from dit_fast.attention import attention, require_backend
 from dit_fast.reference import (
     DiT,
@@ -54,7 +55,6 @@ from dit_fast.reference import (
     model_constructors,
     timestep_embedding,
 )
-from dit_fast.reference import Mlp as ReferenceMlp
 
 KERNELS_ENV_VAR = "DIT_FAST_KERNELS"
 
@@ -190,16 +190,11 @@ def fused_linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch
     return F.gelu(out, approximate="tanh") if gelu else out
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(reference.PatchEmbed):
     """(N, C, H, W) -> (N, T, D): patchify, then one GEMM with the conv weight viewed as (D, C*p*p) (no copy).
 
     Keeps the official ``proj`` Conv2d so the state dict and the init are the reference's.
     """
-
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
         weight = self.proj.weight  # (D, C, p, p)
@@ -209,18 +204,8 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, weight.flatten(1), self.proj.bias)  # (N, T, D)
 
 
-class TimestepEmbedder(nn.Module):
+class TimestepEmbedder(reference.TimestepEmbedder):
     """Timesteps (N,) -> (N, D) in fp32: 256 sinusoidal frequencies, then Linear, SiLU, Linear (weights upcast)."""
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-        self.freq_shift = freq_shift
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)  # (N, 256)
@@ -230,15 +215,11 @@ class TimestepEmbedder(nn.Module):
             return F.linear(h, fc2.weight.float(), fc2.bias.float())  # (N, D)
 
 
-class Attention(nn.Module):
+class Attention(reference.Attention):
     """Self-attention: one fused qkv projection viewed as (N, T, 3, H, hd), a registry backend, the projection."""
 
     def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads)
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,14 +228,14 @@ class Attention(nn.Module):
         return fused_linear(out.flatten(2), self.proj)  # (N, T, D)
 
 
-class Mlp(ReferenceMlp):
+class Mlp(reference.Mlp):
     """The reference MLP (same parameters) with its linears through ``fused_linear`` (bias + GELU fused on CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_linear(fused_linear(x, self.fc1, gelu=True), self.fc2)  # (N, T, D)
 
 
-class DiTFastBlock(nn.Module):
+class DiTFastBlock(reference.DiTBlock):
     """A DiT block whose residual boundaries are fused ops; the reference block's modules and parameter names.
 
     ``forward`` starts by adding the previous block's pending MLP residual (fused with this block's first norm) and
@@ -262,13 +243,11 @@ class DiTFastBlock(nn.Module):
     (FSDP can wrap each block, checkpointing can recompute each block).
     """
 
+    attention_cls = Attention
+    mlp_cls = Mlp
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        super().__init__(hidden_size, num_heads, mlp_ratio, mlp_norm_eps)
         self.kernels = "auto"
 
     def forward(self, x: torch.Tensor, silu_c: torch.Tensor, gate: torch.Tensor | None = None,
@@ -300,14 +279,8 @@ class DiTFastBlock(nn.Module):
         return x, gate_mlp, self.mlp(h)
 
 
-class FinalLayer(nn.Module):
+class FinalLayer(reference.FinalLayer):
     """The last block's MLP residual fused with the final adaLN LayerNorm, then Linear(D, p*p*out)."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, silu_c: torch.Tensor,
                 ops: KernelOps) -> torch.Tensor:

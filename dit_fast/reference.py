@@ -152,12 +152,16 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A transformer block with adaLN-Zero conditioning."""
 
+    # Sub-module classes (a subclass swaps in ones with the same parameters, as ``DiT``'s component classes).
+    attention_cls: type[nn.Module] = Attention
+    mlp_cls: type[nn.Module] = Mlp
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = self.attention_cls(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = self.mlp_cls(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
