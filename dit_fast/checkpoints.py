@@ -84,6 +84,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from dit_fast import __version__
 from dit_fast.config import CONFIGS, NUMERICS, DiTConfig, get_config
 from dit_fast.files import atomic_write
 from dit_fast.reference import DiT, sincos_pos_embed_2d
@@ -961,8 +962,6 @@ def save_checkpoint(source: Source, path: str | os.PathLike, *, config: DiTConfi
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a folder (the dit-fast format is a folder, or a path ending "
                               "in .safetensors)")
-    from dit_fast import __version__
-
     meta = {"format": "dit-fast", "format_version": FORMAT_VERSION, "dit_fast_version": __version__,
             "config": config.to_dict(), "weights": WEIGHTS_NAME,
             "dtype": str(next(iter(state_dict.values())).dtype).removeprefix("torch.")}
