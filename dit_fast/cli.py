@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``main(args)``; this file
 only maps names to modules, so adding a command is one line in ``COMMANDS``, and imports only the module of the
-command it runs.
+command it runs. ARCHITECTURE.md at the repository root lists where each command's code lives.
 """
 
 from __future__ import annotations

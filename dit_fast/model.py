@@ -28,7 +28,9 @@ autocast, as in the reference).
 Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
 weight. With gradients, each block computes its own adaLN from its own parameters (no cross-block parameter access,
 so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). On the CPU the linears run
-through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear``.
+through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.onednn``). The
+kernel sets come from ``dit_fast.kernels.registry``; ARCHITECTURE.md at the repository root places the model among
+the other layers.
 """
 
 from __future__ import annotations

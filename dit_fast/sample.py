@@ -15,7 +15,8 @@ For FID-50K, shard across processes (rank r samples its contiguous slice; rank 0
 
 Seeding: sample i's initial noise comes from a generator seeded by (seed, i), so with a deterministic sampler
 (ddim with eta 0, dpm++) a sample does not depend on the batch size or the number of processes; the DDPM sampler's
-per-step noise comes from each batch's generator state (seed, first index of the batch).
+per-step noise comes from each batch's generator state (seed, first index of the batch). ARCHITECTURE.md at the
+repository root follows one sampling step through the modules.
 """
 
 from __future__ import annotations
