@@ -18,7 +18,7 @@ class GPUSpec:
     """One GPU model's datasheet figures.
 
     ``peak_tflops``: dense peak TFLOP/s (1e12 FLOP/s, a multiply-add counted as 2) per dtype: bf16/fp16 on tensor
-    cores, fp32 on the CUDA cores (plain FP32, not TF32), fp64 on tensor cores where they have it.
+    cores, fp32 on the CUDA cores (plain FP32, not TF32), fp64 on tensor cores (data-center parts only).
     ``bandwidth_gbs``: HBM/GDDR bandwidth in GB/s (1e9 bytes/s). ``tf32_tflops``: dense TF32 tensor-core peak, what
     fp32 matmuls reach with ``torch.backends.cuda.matmul.allow_tf32``.
     """
@@ -29,9 +29,11 @@ class GPUSpec:
     tf32_tflops: float | None = field(default=None)
 
 
-def _spec(name: str, bf16: float, fp32: float, fp64: float, tf32: float, bandwidth_gbs: float) -> GPUSpec:
-    return GPUSpec(name, {torch.bfloat16: bf16, torch.float16: bf16, torch.float32: fp32, torch.float64: fp64},
-                   bandwidth_gbs, tf32)
+def _spec(name: str, bf16: float, fp32: float, fp64: float | None, tf32: float, bandwidth_gbs: float) -> GPUSpec:
+    peaks = {torch.bfloat16: bf16, torch.float16: bf16, torch.float32: fp32}
+    if fp64 is not None:
+        peaks[torch.float64] = fp64
+    return GPUSpec(name, peaks, bandwidth_gbs, tf32)
 
 
 # Sources: NVIDIA's datasheets, dense figures (the printed tensor-core figures with sparsity halved):
@@ -41,7 +43,8 @@ def _spec(name: str, bf16: float, fp32: float, fp64: float, tf32: float, bandwid
 #   3.35 TB/s; PCIe 756.5 / 378 / 51.2 / 51.2 TFLOPS, 2.0 TB/s.
 # H200: "NVIDIA H200 Tensor Core GPU" datasheet: SXM the H100 SXM5's compute (989.4 / 494.7 / 66.9 / 66.9) with
 #   4.8 TB/s; NVL 835.5 / 417.5 / 60 / 60 TFLOPS, 4.8 TB/s.
-# L40S, A10, RTX 4090: the NVIDIA L40S and A10 datasheets and the Ada architecture whitepaper (FP32 accumulate).
+# L40S, A10, RTX 4090: the NVIDIA L40S and A10 datasheets and the Ada architecture whitepaper (BF16 with FP32
+#   accumulate); no FP64 figure is listed for them.
 GPUS: dict[str, GPUSpec] = {s.name: s for s in (
     _spec("A100-SXM4-40GB", 312.0, 19.5, 19.5, 156.0, 1555.0),
     _spec("A100-SXM4-80GB", 312.0, 19.5, 19.5, 156.0, 2039.0),
@@ -50,9 +53,9 @@ GPUS: dict[str, GPUSpec] = {s.name: s for s in (
     _spec("H100-PCIe-80GB", 756.5, 51.2, 51.2, 378.0, 2000.0),
     _spec("H200-SXM-141GB", 989.4, 66.9, 66.9, 494.7, 4800.0),
     _spec("H200-NVL-141GB", 835.5, 60.0, 60.0, 417.5, 4800.0),
-    _spec("L40S", 362.05, 91.6, 1.4, 183.0, 864.0),
-    _spec("A10", 125.0, 31.2, 0.98, 62.5, 600.0),
-    _spec("RTX-4090", 165.2, 82.6, 1.3, 82.6, 1008.0),
+    _spec("L40S", 362.05, 91.6, None, 183.0, 864.0),
+    _spec("A10", 125.0, 31.2, None, 62.5, 600.0),
+    _spec("RTX-4090", 165.2, 82.6, None, 82.6, 1008.0),
 )}
 
 # ``torch.cuda.get_device_name()`` fragments -> table entry, most specific first (matched case-insensitively).
