@@ -15,7 +15,7 @@ Every case follows one pattern (``bench_settings`` and ``matmul_ceiling`` are se
 ``record_and_check`` fills ``benchmark.extra_info`` (keys below) and then fails the case when its output is
 further from the fp32 reference than its dtype allows: the suite checks parity while it measures.
 
-``extra_info`` keys (DESIGN.md section 2, plus what ``benchmarks.report`` reads):
+``extra_info`` keys (every case records them; ``benchmarks.report`` reads them):
 
 - ``impl``: one of ``IMPLS`` (or "matmul" for the ceiling case); ``case``: what was run, shared by the
   implementations compared (e.g. "DiT-S/2 batch 1 DDPM-6 cfg 1.5");
@@ -27,7 +27,7 @@ further from the fp32 reference than its dtype allows: the suite checks parity w
   (multiply-add = 1 flop, ``dit_fast.gflops``);
 - ``ceiling_gflops``: the matmul ceiling measured in the same run; ``frac_ceiling`` = gflops / ceiling_gflops;
   on a GPU also ``mfu`` (the same ratio, the usual name there) and, for GPUs with a known datasheet, ``mfu_datasheet``
-  (against NVIDIA's dense bf16/fp16 tensor-core peak: an upper bound no kernel reaches);
+  (against NVIDIA's dense bf16/fp16 tensor-core peak from ``dit_fast.hardware``: an upper bound no kernel reaches);
 - ``dtype``, ``device``; optionally ``seconds`` (the time of one call, when a benchmark round is not one call, e.g.
   one ``triton.testing.do_bench``; the report then uses it instead of the round's median) and ``gbps`` (achieved
   GB/s of a memory-bound case).
@@ -56,6 +56,8 @@ from torch import nn
 
 from benchmarks.report import IMPL_ORDER
 from dit_fast.config import CONFIGS, DiTConfig, get_config, gflops
+from dit_fast.hardware import peak_flops
+from dit_fast.reference import DiT
 
 # -------------------------------------------------------------------------------------------------- run sizing
 
@@ -262,8 +264,6 @@ def randomize_zero_init(model: nn.Module, seed: int) -> nn.Module:
 def reference_model(config_name: str, device: torch.device, seed: int = 0) -> nn.Module:
     """The plain fp32 reference ``DiT`` for ``config_name`` on ``device``, eval mode, with deterministic random
     weights (``seed``; zero-init layers randomized). Every implementation loads these weights."""
-    from dit_fast.reference import DiT
-
     torch.manual_seed(seed)
     with torch.device(device):
         model = DiT.from_config(get_config(config_name))
@@ -276,8 +276,6 @@ def oracle_model(config_name: str, device: torch.device, numerics: str = "offici
     reference = reference_model(config_name, device, seed)
     if numerics == "official":
         return reference
-    from dit_fast.reference import DiT
-
     with torch.device(device):
         model = DiT.from_config(get_config(config_name, numerics=numerics))
     model.load_state_dict(reference.state_dict(), strict=True)
@@ -406,15 +404,6 @@ def median_seconds(benchmark: Any) -> float | None:
 
 # -------------------------------------------------------------------------------------------------- ceiling
 
-# NVIDIA datasheet dense (no sparsity) bf16/fp16 tensor-core peaks, GFLOP/s, by torch.cuda.get_device_name().
-DATASHEET_TENSOR_GFLOPS: dict[str, float] = {
-    "NVIDIA H200": 989_400.0,
-    "NVIDIA H100 80GB HBM3": 989_400.0,
-    "NVIDIA H100 PCIe": 756_000.0,
-    "NVIDIA A100-SXM4-80GB": 312_000.0,
-    "NVIDIA A100-SXM4-40GB": 312_000.0,
-    "NVIDIA A100 80GB PCIe": 312_000.0,
-}
 CEILING_SIZE: dict[str, int] = {"cpu": 2048, "cuda": 8192}
 
 
@@ -461,10 +450,9 @@ def measure_matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int | No
             t0 = time.perf_counter()
             a @ b
             seconds.append(time.perf_counter() - t0)
-    name = device_name(device)
-    datasheet = DATASHEET_TENSOR_GFLOPS.get(name) if dtype in (torch.bfloat16, torch.float16) else None
-    return MatmulCeiling(gflops=2.0 * n**3 / min(seconds) / 1e9, n=n, dtype=dtype, device=name,
-                         datasheet_gflops=datasheet)
+    peak = peak_flops(device, dtype) if dtype in (torch.bfloat16, torch.float16) else None
+    return MatmulCeiling(gflops=2.0 * n**3 / min(seconds) / 1e9, n=n, dtype=dtype, device=device_name(device),
+                         datasheet_gflops=None if peak is None else peak / 1e9)
 
 
 # -------------------------------------------------------------------------------------------------- recording

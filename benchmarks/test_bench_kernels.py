@@ -21,9 +21,10 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import dit_fast.kernels as K
 import pytest
 import torch
+
+import dit_fast.kernels as K
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the fused kernels are timed on CUDA only)")

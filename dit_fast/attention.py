@@ -31,6 +31,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ENV_VAR = "DIT_FAST_ATTENTION"
 AttentionFn = Callable[[torch.Tensor], torch.Tensor]
@@ -126,8 +127,6 @@ def sdpa_attention(qkv: torch.Tensor) -> torch.Tensor:
 
 def _forced_sdpa(kernel_name: str) -> AttentionFn:
     def forced(qkv: torch.Tensor) -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         with sdpa_kernel(getattr(SDPBackend, kernel_name)):
             return sdpa_attention(qkv)
 

@@ -33,8 +33,9 @@ The dit-fast format (``FORMAT_VERSION`` 1), written by :func:`save_checkpoint`, 
                           metadata repeats the config ("dit_fast.config") and the format version
 
 or, when the path ends in ``.safetensors``, that one self-describing file alone. Each file is written atomically
-(a temporary file in the same folder, then ``os.replace``), weights first: an interrupted save leaves the previous
-files intact, or new weights whose embedded config disagrees with the old ``config.json``, which loading reports.
+(``dit_fast.files.atomic_write``: a temporary file in the same folder, then renamed), weights first: an interrupted
+save leaves the previous files intact, or new weights whose embedded config disagrees with the old ``config.json``,
+which loading reports.
 
 Config inference for files that do not store a config (official ``.pt``, bare safetensors); the tensors give
 depth (``blocks.{i}``), hidden size, patch size and in_channels (``x_embedder.proj.weight``), mlp_ratio
@@ -72,7 +73,6 @@ import logging
 import math
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -84,7 +84,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from dit_fast import __version__
 from dit_fast.config import CONFIGS, NUMERICS, DiTConfig, get_config
+from dit_fast.files import atomic_write
 from dit_fast.reference import DiT, sincos_pos_embed_2d
 
 logger = logging.getLogger(__name__)
@@ -260,12 +262,10 @@ def build_model(checkpoint: Checkpoint, model_cls: type[nn.Module] | ModelBuilde
 
 
 def _construct(model_cls: type[nn.Module] | ModelBuilder | None, config: DiTConfig) -> nn.Module:
-    if model_cls is None:
-        return DiT.from_config(config)
-    if isinstance(model_cls, type):
-        kwargs = config.to_dict()
-        numerics = kwargs.pop("numerics")
-        return model_cls(**kwargs, numerics=numerics)
+    if model_cls is None or (isinstance(model_cls, type) and issubclass(model_cls, DiT)):
+        return (model_cls or DiT).from_config(config)
+    if isinstance(model_cls, type):  # another class with the official constructor
+        return model_cls(**config.to_dict())
     return model_cls(config)
 
 
@@ -957,19 +957,17 @@ def save_checkpoint(source: Source, path: str | os.PathLike, *, config: DiTConfi
     path = Path(path)
     file_meta = {"dit_fast.format_version": str(FORMAT_VERSION), "dit_fast.config": json.dumps(config.to_dict())}
     if path.suffix == ".safetensors":
-        _atomic_write(path, lambda tmp: safetensors.torch.save_file(state_dict, str(tmp), metadata=file_meta))
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(state_dict, str(tmp), metadata=file_meta))
         return path
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a folder (the dit-fast format is a folder, or a path ending "
                               "in .safetensors)")
-    from dit_fast import __version__
-
     meta = {"format": "dit-fast", "format_version": FORMAT_VERSION, "dit_fast_version": __version__,
             "config": config.to_dict(), "weights": WEIGHTS_NAME,
             "dtype": str(next(iter(state_dict.values())).dtype).removeprefix("torch.")}
-    _atomic_write(path / WEIGHTS_NAME,
+    atomic_write(path / WEIGHTS_NAME,
                   lambda tmp: safetensors.torch.save_file(state_dict, str(tmp), metadata=file_meta))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return path
 
 
@@ -980,7 +978,7 @@ def save_official(source: Source, path: str | os.PathLike, *, config: DiTConfig 
     """
     state_dict, _ = _weights_and_config(source, config)
     path = Path(path)
-    _atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+    atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
     return path
 
 
@@ -1001,9 +999,9 @@ def save_diffusers(source: Source, path: str | os.PathLike, *, config: DiTConfig
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a folder (a diffusers model is a folder)")
-    _atomic_write(path / DIFFUSERS_WEIGHTS_NAME,
+    atomic_write(path / DIFFUSERS_WEIGHTS_NAME,
                   lambda tmp: safetensors.torch.save_file(weights, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME,
+    atomic_write(path / CONFIG_NAME,
                   lambda tmp: tmp.write_text(json.dumps(diffusers_config, indent=2, sort_keys=True) + "\n"))
     return path
 
@@ -1044,20 +1042,6 @@ def _weights_and_config(source: Source, config: DiTConfig | None) -> tuple[State
     state_dict = _strip_prefixes(dict(state_dict), [])
     check_state_dict(state_dict, config)
     return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, config
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write ``path`` via a temporary file in the same folder, fsync, then ``os.replace``: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------

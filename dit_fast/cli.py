@@ -1,7 +1,8 @@
 """The ``dit-fast`` command: one entry point, one subcommand per task.
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``main(args)``; this file
-only maps names to modules, so adding a command is one line in ``COMMANDS``.
+only maps names to modules, so adding a command is one line in ``COMMANDS``, and imports only the module of the
+command it runs. ARCHITECTURE.md at the repository root lists where each command's code lives.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from dit_fast import __version__
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,24 +25,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``dit-fast`` parser; only ``command``'s module is imported (and its flags added), so that running one
+    command never imports another's dependencies."""
     parser = argparse.ArgumentParser(prog="dit-fast", description="Fast, faithful Diffusion Transformers (DiT).")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
-        module.add_arguments(p)
-        p.set_defaults(_module=module)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            p.description = (module.__doc__ or help_text).strip().splitlines()[0]
+            module.add_arguments(p)
+            p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.version:
-        from dit_fast import __version__
-
         print(f"dit-fast {__version__}")
         return 0
     if args.command is None:

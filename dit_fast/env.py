@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from dit_fast.attention import BACKENDS, ENV_VAR, available_backends, resolve_backend
-from dit_fast.model import KERNELS_ENV_VAR, resolve_kernels
+from dit_fast.kernels.registry import KERNELS_ENV_VAR, available_kernels, resolve_kernels
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -74,6 +74,8 @@ def report(device_type: str, head_dim: int) -> list[str]:
     lines.append("")
     lines.append(f"fused kernels: auto picks {resolve_kernels('auto', device_type)!r} on {device_type} "
                  "(triton: dit_fast.kernels Triton ops on CUDA; torch: their plain-PyTorch twins)")
+    for name, reason in available_kernels().items():
+        lines.append(f"  {name:<15} {'available' if reason is None else 'unavailable: ' + reason}")
     return lines
 
 

@@ -28,27 +28,24 @@ autocast, as in the reference).
 Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
 weight. With gradients, each block computes its own adaLN from its own parameters (no cross-block parameter access,
 so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). On the CPU the linears run
-through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear``.
+through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.onednn``). The
+kernel sets come from ``dit_fast.kernels.registry``; ARCHITECTURE.md at the repository root places the model among
+the other layers.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dit_fast import kernels as K
 from dit_fast import reference
 from dit_fast.attention import attention, require_backend
+from dit_fast.kernels.registry import KERNELS, KERNELS_ENV_VAR, KernelOps, require_kernels, resolve_kernels
+from dit_fast.onednn import fused_linear, onednn_linear
 from dit_fast.reference import (
     DiT,
     guided_forward,
@@ -56,138 +53,14 @@ from dit_fast.reference import (
     timestep_embedding,
 )
 
-KERNELS_ENV_VAR = "DIT_FAST_KERNELS"
-
-
-@dataclass(frozen=True)
-class KernelOps:
-    """The fused ops a DiTFast forward calls (signatures of ``dit_fast.kernels``)."""
-
-    modulated_layer_norm: Callable[..., torch.Tensor]
-    gated_residual_modulated_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    patchify: Callable[..., torch.Tensor]
-    unpatchify: Callable[..., torch.Tensor]
-
-
-KERNELS: dict[str, KernelOps] = {
-    # the public ops: Triton on CUDA; the reference on CPU (the Triton interpreter under TRITON_INTERPRET=1)
-    "triton": KernelOps(K.modulated_layer_norm, K.gated_residual_modulated_layer_norm, K.patchify, K.unpatchify),
-    # plain PyTorch, fused by torch.compile (inductor) on any device
-    "torch": KernelOps(K.modulated_layer_norm_ref, K.gated_residual_modulated_layer_norm_ref, K.patchify_ref,
-                       K.unpatchify_ref),
-}
-_warned_kernels: set[str] = set()
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def require_kernels(name: str) -> str:
-    """``name`` if it is "auto", "torch", or "triton" with Triton installed; else ValueError / ImportError."""
-    if name != "auto" and name not in KERNELS:
-        raise ValueError(f"unknown kernels {name!r}; valid names: auto, {', '.join(KERNELS)}")
-    if name == "triton" and not _triton_installed():
-        raise ImportError("kernels='triton' needs the triton package, which is not installed; install it with "
-                          "`pip install dit-fast[triton]` (or `pip install triton`), or use kernels='torch'")
-    return name
-
-
-@torch.compiler.assume_constant_result
-def resolve_kernels(name: str, device_type: str) -> str:
-    """The kernel set ("triton" or "torch") a forward on ``device_type`` uses for the requested ``name``.
-
-    "auto" takes ``$DIT_FAST_KERNELS`` when set (falling back, with one warning, where it cannot run), else "triton"
-    on CUDA with Triton installed and "torch" otherwise.
-    """
-    if name != "auto":
-        return name
-    env = os.environ.get(KERNELS_ENV_VAR, "").strip()
-    if env and env != "auto":
-        if env in KERNELS and (env == "torch" or _triton_installed()):
-            return env
-        if env not in _warned_kernels:
-            _warned_kernels.add(env)
-            warnings.warn(f"{KERNELS_ENV_VAR}={env} is not usable here (valid: auto, triton with triton installed, "
-                          "torch); choosing kernels automatically", stacklevel=3)
-    return "triton" if device_type == "cuda" and _triton_installed() else "torch"
+# The kernel-set registry now lives with the kernels (dit_fast.kernels.registry) and the oneDNN linear in
+# dit_fast.onednn; both stay importable from here.
+__all__ = ["KERNELS", "KERNELS_ENV_VAR", "DiTFast", "DiT_models", "KernelOps", "fused_linear", "onednn_linear",
+           "require_kernels", "resolve_kernels"]
 
 
 def _autocasting(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
-
-
-@torch.library.custom_op("dit_fast::onednn_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor")
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    """CPU linear through oneDNN with the bias (and, for inference, tanh-GELU) fused into the GEMM.
-
-    x (..., K), weight (N, K) (any strides), bias (N,) or None -> (..., N). A custom op, so ``torch.compile`` keeps it
-    as one opaque call (inductor lowers oneDNN's own op only for frozen weights); differentiable without the GELU
-    (the input gradient through oneDNN too; the weight gradient, a GEMM over transposed operands, through ``mm``).
-    """
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
-                                              "tanh" if gelu else "")
-
-
-@onednn_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _onednn_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, bias, gelu = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-    ctx.gelu = gelu
-
-
-def _onednn_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    if ctx.gelu:
-        raise RuntimeError("onednn_linear with the fused GELU is inference-only; apply F.gelu after it to train")
-    x, weight = ctx.saved_tensors
-    grad_2d = grad.reshape(-1, grad.shape[-1])  # (M, N)
-    grad_x = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = onednn_linear(grad, weight.t(), None, False)  # (..., N) @ (N, K) -> (..., K)
-    if ctx.needs_input_grad[1]:
-        grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (N, M) @ (M, K): BLAS reads the transpose
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad_2d.sum(0)  # (N,)
-    return grad_x, grad_weight, grad_bias, None
-
-
-onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup_context)
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def fused_linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)`` (then tanh-GELU when ``gelu``): (..., K) -> (..., N).
-
-    On the CPU (fp32/bf16, no autocast, a plain ``nn.Linear`` without hooks) this runs ``onednn_linear``: oneDNN's
-    AVX-512 GEMMs with the bias in the epilogue (and the GELU too when no gradient is needed) beat ``F.linear``'s
-    BLAS call plus separate bias and GELU passes, forward and backward. Everything else calls the module.
-    """
-    weight = getattr(layer, "weight", None)
-    if (
-        _ONEDNN
-        and x.device.type == "cpu"
-        and type(layer) is nn.Linear
-        and x.dtype == weight.dtype
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and not _autocasting("cpu")
-        and not (layer._forward_hooks or layer._forward_pre_hooks)
-    ):
-        bias = layer.bias
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad))
-        if not needs_grad:
-            return onednn_linear(x, weight, bias, gelu)
-        out = onednn_linear(x, weight, bias, False)
-    else:
-        out = layer(x)
-    return F.gelu(out, approximate="tanh") if gelu else out
 
 
 class PatchEmbed(reference.PatchEmbed):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dit_fast.config import CONFIGS, DiTConfig
 
@@ -240,14 +241,14 @@ class DiT(nn.Module):
             for _ in range(depth)
         ])
         self.final_layer = self.final_layer_cls(hidden_size, patch_size, self.out_channels)
+        self.gradient_checkpointing = False  # True: recompute each block in the backward (training memory)
         self.initialize_weights()
 
     @classmethod
     def from_config(cls, config: DiTConfig, **kwargs: Any) -> DiT:
-        """Build from a ``DiTConfig``; ``kwargs`` are a subclass's keyword-only options."""
-        d = config.to_dict()
-        numerics = d.pop("numerics")
-        return cls(**d, numerics=numerics, **kwargs)
+        """Build from a ``DiTConfig`` (the one way every script builds a model); ``kwargs`` are a subclass's
+        keyword-only options (``DiTFast.from_config(config, kernels="torch")``)."""
+        return cls(**config.to_dict(), **kwargs)
 
     def initialize_weights(self) -> None:
         """The paper's init: Xavier-uniform linears (zero bias), N(0, 0.02) embeddings, adaLN-Zero."""
@@ -273,7 +274,10 @@ class DiT(nn.Module):
         y = self.y_embedder(y, self.training)  # (N, D)
         c = t + y  # (N, D)
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)  # (N, T, D), recomputed in the backward
+            else:
+                x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*out)
         return self.unpatchify(x)  # (N, out, H, W)
 
@@ -342,10 +346,19 @@ def validate_inputs(config: DiTConfig, x: torch.Tensor, t: torch.Tensor, y: torc
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
     if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    max_label = config.num_classes if config.class_dropout_prob > 0 else config.num_classes - 1
-    if n and (int(y.min()) < 0 or int(y.max()) > max_label):
-        null = f" (index {config.num_classes} is the null class)" if config.class_dropout_prob > 0 else ""
-        raise ValueError(f"labels must be in [0, {max_label}]{null}, got min {int(y.min())}, max {int(y.max())}")
+    check_labels(y, config.num_classes, null_class=config.class_dropout_prob > 0)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, *, null_class: bool = False, what: str = "labels") -> None:
+    """ValueError naming the offending ids unless every label (N,) is in [0, num_classes - 1], or in
+    [0, num_classes] with ``null_class`` (index ``num_classes`` is the classifier-free guidance null class)."""
+    top = num_classes if null_class else num_classes - 1
+    if labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) <= top):
+        return
+    bad = sorted(set(labels[(labels < 0) | (labels > top)].tolist()))
+    null = f" (index {num_classes} is the null class)" if null_class else ""
+    raise ValueError(f"{what} must be in [0, {top}]{null}; {what} {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+                     f"are out of range (min {int(labels.min())}, max {int(labels.max())})")
 
 
 def _describe(v: Any) -> str:

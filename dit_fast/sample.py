@@ -15,7 +15,8 @@ For FID-50K, shard across processes (rank r samples its contiguous slice; rank 0
 
 Seeding: sample i's initial noise comes from a generator seeded by (seed, i), so with a deterministic sampler
 (ddim with eta 0, dpm++) a sample does not depend on the batch size or the number of processes; the DDPM sampler's
-per-step noise comes from each batch's generator state (seed, first index of the batch).
+per-step noise comes from each batch's generator state (seed, first index of the batch). ARCHITECTURE.md at the
+repository root follows one sampling step through the modules.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dit_fast.checkpoints import load_checkpoint
 from dit_fast.data import mix_seed
+from dit_fast.diffusion import CFGModel, create_diffusion
+from dit_fast.distributed import barrier, cleanup, setup_distributed
+from dit_fast.files import atomic_write
+from dit_fast.model import DiTFast
+from dit_fast.reference import check_labels
+from dit_fast.vae import VAE
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
@@ -58,8 +66,6 @@ def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels
     ``model(x, t, y)`` is the network; guidance (``cfg_scale`` > 1) runs it on ``[x; x]`` with ``[y; null_class]``
     through ``dit_fast.diffusion.CFGModel``.
     """
-    from dit_fast.diffusion import CFGModel, create_diffusion
-
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     guided = CFGModel(model, cfg_scale, null_class, guide_channels=guide_channels, interval=interval)
@@ -89,9 +95,7 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
     """
     cfg = model.config
     labels = labels.to(torch.long)
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
-        raise ValueError(f"class ids must be in [0, {cfg.num_classes - 1}], got min {int(labels.min())}, max "
-                         f"{int(labels.max())}")
+    check_labels(labels, cfg.num_classes, what="class ids")
     if cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
         raise ValueError("this model was trained without label dropout (no null class): guidance needs cfg_scale 1")
     device = torch.device(device)
@@ -141,21 +145,7 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: 
         r, q = divmod(k, ncol)
         y0, x0 = padding + r * (h + padding), padding + q * (w + padding)
         grid[y0: y0 + h, x0: x0 + w] = arr[k]
-    path = Path(path)
-    _atomic(path, lambda f: Image.fromarray(grid[..., 0] if c == 1 else grid).save(f, format="PNG"))
-    return path
-
-
-def _atomic(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return atomic_write(path, lambda tmp: Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG"))
 
 
 def write_npz(path: str | os.PathLike, shards: list[np.ndarray | str | os.PathLike], labels: np.ndarray) -> Path:
@@ -168,8 +158,8 @@ def write_npz(path: str | os.PathLike, shards: list[np.ndarray | str | os.PathLi
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (n, *arrays[0].shape[1:])}
 
-    def write(f: Any) -> None:
-        with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as out:
                 np.lib.format.write_array_header_2_0(out, header)
                 for a in arrays:
@@ -178,9 +168,7 @@ def write_npz(path: str | os.PathLike, shards: list[np.ndarray | str | os.PathLi
             with zf.open("labels.npy", "w") as out:
                 np.lib.format.write_array(out, np.asarray(labels, dtype=np.int64))
 
-    path = Path(path)
-    _atomic(path, write)
-    return path
+    return atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -192,8 +180,6 @@ def load_model(ckpt: str, *, model_name: str | None, image_size: int | None, num
     ``--model``/``--image-size``/``--num-classes`` only fill what the file does not store; where it stores them
     and they differ, the checkpoint loader's error says so.
     """
-    from dit_fast.checkpoints import load_checkpoint
-
     options: dict[str, Any] = {}
     if model_name is not None:
         options["model_name"] = model_name
@@ -201,12 +187,7 @@ def load_model(ckpt: str, *, model_name: str | None, image_size: int | None, num
         options["num_classes"] = num_classes
     if image_size is not None:
         options["input_size"] = image_size // vae_factor
-    model_cls = None
-    if impl == "fast":
-        from dit_fast.model import DiTFast
-
-        model_cls = DiTFast
-    result = load_checkpoint(ckpt, model_cls=model_cls, device=device, **options)
+    result = load_checkpoint(ckpt, model_cls=DiTFast if impl == "fast" else None, device=device, **options)
     return result.model, result.summary().splitlines()[0] + f"; numerics {result.numerics}"
 
 
@@ -248,8 +229,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Sample a trained DiT into a PNG grid (and an ADM .npz), sharded across torchrun processes."""
-    from dit_fast.train import setup_distributed
-
     if args.num_sampling_steps < 1 or args.batch_size < 1 or (args.num_samples is not None and args.num_samples < 1):
         raise SystemExit("dit-fast sample: --num-sampling-steps, --batch-size and --num-samples must be >= 1")
     if args.cfg_scale < 1.0:
@@ -258,8 +237,6 @@ def main(args: argparse.Namespace) -> int:
         d = setup_distributed(args.device)
     except RuntimeError as e:
         raise SystemExit(f"dit-fast sample: {e}") from None
-    import torch.distributed as dist
-
     if args.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(args.threads)
     shard_path = None
@@ -274,8 +251,6 @@ def main(args: argparse.Namespace) -> int:
             if args.vae is None:
                 raise ValueError("this is a latent model (4 channels): pass --vae, a local AutoencoderKL folder "
                                  "(e.g. stabilityai/sd-vae-ft-ema downloaded with huggingface-cli)")
-            from dit_fast.vae import VAE
-
             vae = VAE(args.vae, device=d.device)
         if args.compile:
             model.compile()
@@ -284,10 +259,7 @@ def main(args: argparse.Namespace) -> int:
             labels = torch.tensor(args.class_labels, dtype=torch.long).repeat(math.ceil(n / len(args.class_labels)))[:n]
         else:
             labels = torch.randint(0, cfg.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
-        bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
-        if len(bad):
-            raise ValueError(f"class ids {sorted(set(bad.tolist()))} are out of range: this model has "
-                             f"{cfg.num_classes} classes (0..{cfg.num_classes - 1})")
+        check_labels(labels, cfg.num_classes, what="class ids")
         per_rank = math.ceil(n / d.world_size)
         lo, hi = min(n, d.rank * per_rank), min(n, (d.rank + 1) * per_rank)
         if d.is_main:
@@ -309,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
             shard_path = out_dir / f".sample-shard-{d.rank:05d}-{os.getppid()}.npy"
             np.save(shard_path, images)
-            dist.barrier()
+            barrier(d)
         if d.is_main:
             shards: list[Any] = [images]
             if d.enabled:
@@ -321,14 +293,12 @@ def main(args: argparse.Namespace) -> int:
             if args.npz:
                 write_npz(args.npz, shards, labels.numpy())
                 print(f"wrote {args.npz} (arr_0 ({n}, {images.shape[1]}, {images.shape[2]}, 3) uint8, labels)")
-        if d.enabled:
-            dist.barrier()
+        barrier(d)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"dit-fast sample: {e}") from None
     finally:
         if shard_path is not None:
             with contextlib.suppress(OSError):
                 shard_path.unlink()
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        cleanup(d)
     return 0

@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dit_fast.data import LABELS_FILE, LATENTS_FILE, META_FILE, ImageFolderDataset, collate
+from dit_fast.files import atomic_write
 
 SCALE_FACTOR = 0.18215
 HF_VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -100,10 +100,7 @@ def extract_latents(data_path: str, vae: VAE, output: str | os.PathLike, image_s
     if image_size % f:
         raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling factor {f}")
     shape = (len(dataset), 2, 2, vae.latent_channels, image_size // f, image_size // f)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    def write(tmp: Path) -> None:
         moments = np.lib.format.open_memmap(tmp / LATENTS_FILE, mode="w+", dtype=np.dtype(storage_dtype), shape=shape)
         labels = np.empty(len(dataset), dtype=np.int64)
         keys = [(i, False) for i in range(len(dataset))]
@@ -125,10 +122,8 @@ def extract_latents(data_path: str, vae: VAE, output: str | os.PathLike, image_s
                 "vae": vae.path, "source": str(data_path), "num_images": len(dataset),
                 "layout": "latents.npy (N, 2, 2, C, h, w) = [image, mirror] x [mean, std]"}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write(output, write, directory=True)
     return output
 
 

@@ -4,8 +4,15 @@ Each op is differentiable, takes fp32/fp16/bf16 and any hidden size, and dispatc
 tensors run the Triton kernels (registered as ``torch.ops.dit_fast.<op>`` custom ops, so ``torch.compile(
 fullgraph=True)`` traces through them), CPU tensors run ``<op>_ref`` (plain PyTorch), or the Triton kernels in the
 interpreter when ``TRITON_INTERPRET=1``. ``python -m dit_fast.kernels.compile_check`` compiles every kernel for
-sm_80 and sm_90 without a GPU.
+sm_80 and sm_90 without a GPU. ``dit_fast.kernels.registry`` holds the kernel sets a DiTFast forward chooses from.
+
+This folder is reached only as ``dit_fast.kernels``: installed through the wheel, or in a checkout through the
+``dit_fast/kernels`` symlink. Imported as a bare top-level ``kernels`` (the name of Hugging Face's package) it
+refuses, so the ``dit_fast::`` custom ops are never registered twice.
 """
+
+if __name__ != "dit_fast.kernels":
+    raise ImportError(f"import this package as dit_fast.kernels, not as {__name__!r}")
 
 from .gated_residual import gated_residual, gated_residual_ref
 from .gated_residual_modulated_layer_norm import (
@@ -14,9 +21,12 @@ from .gated_residual_modulated_layer_norm import (
 )
 from .modulated_layer_norm import modulated_layer_norm, modulated_layer_norm_ref
 from .patchify import patchify, patchify_ref
+from .registry import KERNELS, KernelOps, require_kernels, resolve_kernels
 from .unpatchify import unpatchify, unpatchify_ref
 
 __all__ = [
+    "KERNELS",
+    "KernelOps",
     "gated_residual",
     "gated_residual_modulated_layer_norm",
     "gated_residual_modulated_layer_norm_ref",
@@ -25,6 +35,8 @@ __all__ = [
     "modulated_layer_norm_ref",
     "patchify",
     "patchify_ref",
+    "require_kernels",
+    "resolve_kernels",
     "unpatchify",
     "unpatchify_ref",
 ]

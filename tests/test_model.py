@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import dit_fast
 from dit_fast import attention as A
 from dit_fast import model as M
+from dit_fast import onednn as O
+from dit_fast.kernels import registry as R
 from dit_fast.model import DiTFast
 from dit_fast.reference import DiT
 from tests.helpers import assert_close, load_official_fixture, max_rel_err
@@ -246,11 +248,11 @@ def test_training_computes_modulation_per_block():
     assert all(b.adaLN_modulation[1].weight.grad.abs().sum() > 0 for b in fast.blocks)
 
 
-@pytest.mark.skipif(not M._ONEDNN, reason="PyTorch built without oneDNN")
+@pytest.mark.skipif(not O._ONEDNN, reason="PyTorch built without oneDNN")
 def test_cpu_linears_run_through_onednn(monkeypatch):
     calls: list[bool] = []
-    real = M.onednn_linear
-    monkeypatch.setattr(M, "onednn_linear", lambda x, w, b, gelu: calls.append(gelu) or real(x, w, b, gelu))
+    real = O.onednn_linear
+    monkeypatch.setattr(O, "onednn_linear", lambda x, w, b, gelu: calls.append(gelu) or real(x, w, b, gelu))
     ref, fast = pair()
     x, t, y = inputs(ref)
     with torch.no_grad():
@@ -262,7 +264,7 @@ def test_cpu_linears_run_through_onednn(monkeypatch):
     assert len(calls) >= 4 * depth + 1 and not any(calls)
 
 
-@pytest.mark.skipif(not M._ONEDNN, reason="PyTorch built without oneDNN")
+@pytest.mark.skipif(not O._ONEDNN, reason="PyTorch built without oneDNN")
 @pytest.mark.parametrize("bias", [True, False])
 def test_onednn_linear_gradients(bias):
     g = torch.Generator().manual_seed(0)
@@ -365,15 +367,15 @@ def test_bad_backend_names_and_missing_packages(monkeypatch):
     monkeypatch.setitem(A._OPTIONAL, "flash_attn", None)
     with pytest.raises(ImportError, match=r"pip install dit-fast\[flash\]"):
         DiTFast(**TINY, attention="flash_attn")
-    monkeypatch.setattr(M, "_triton_installed", lambda: False)
+    monkeypatch.setattr(R, "_triton_installed", lambda: False)
     with pytest.raises(ImportError, match=r"pip install dit-fast\[triton\]"):
         DiTFast(**TINY, kernels="triton")
 
 
 def test_kernels_environment_default(monkeypatch):
-    monkeypatch.setattr(M, "_warned_kernels", set())
+    monkeypatch.setattr(R, "_warned", set())
     monkeypatch.setenv(M.KERNELS_ENV_VAR, "triton")
-    assert M.resolve_kernels("auto", "cpu") == ("triton" if M._triton_installed() else "torch")
+    assert M.resolve_kernels("auto", "cpu") == ("triton" if R._triton_installed() else "torch")
     assert M.resolve_kernels("torch", "cpu") == "torch"
     monkeypatch.setenv(M.KERNELS_ENV_VAR, "bogus")
     with pytest.warns(UserWarning, match="DIT_FAST_KERNELS=bogus is not usable"):

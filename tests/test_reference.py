@@ -174,3 +174,18 @@ def test_model_constructors():
         m = DiT_models["DiT-S/4"](input_size=16, num_classes=10)
     assert (m.config.depth, m.config.hidden_size, m.config.patch_size, m.config.num_heads) == (12, 384, 4, 6)
     assert m.pos_embed.shape == (1, 16, 384)
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
+    model = _random_model()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 2])
+    model(x, t, y).square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    calls: list[int] = []
+    model.blocks[0].adaLN_modulation.register_forward_hook(lambda *_: calls.append(1))  # the block's first op
+    model.gradient_checkpointing = True
+    model(x, t, y).square().sum().backward()
+    assert len(calls) == 2  # forward, and again in the backward
+    for name, p in model.named_parameters():
+        assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-6, name=f"checkpointed grad {name}")

@@ -208,3 +208,22 @@ def test_train_on_latents_and_on_images_with_online_vae(tmp_path):
     assert cli_main([*common, "--results-dir", str(tmp_path / "r2"), "--data-path", str(tmp_path / "images"),
                      "--vae", str(tmp_path / "vae")]) == 0
     assert _final(tmp_path / "r2")["config"] == latent["config"]
+
+
+def test_train_config_is_filled_by_the_cli_and_presets_by_the_recipes():
+    from dataclasses import fields
+
+    from dit_fast.cli import build_parser
+    from dit_fast.train import DIGITS_RECIPE, OFFICIAL_RECIPE, TrainConfig, resolve_recipe
+
+    args = build_parser("train").parse_args(["train", "--lr", "3e-4", "--no-ema-warmup", "--fsdp", "--max-steps", "5"])
+    cfg = TrainConfig.from_args(args)
+    assert {f.name for f in fields(TrainConfig)} <= set(vars(args))  # one flag per field
+    assert (cfg.lr, cfg.ema_warmup, cfg.fsdp, cfg.max_steps, cfg.global_batch_size) == (3e-4, False, True, 5, None)
+    digits = cfg.resolved()
+    assert digits.global_batch_size == DIGITS_RECIPE["global_batch_size"] and digits.lr == 3e-4
+    assert digits.resolved() == digits
+    official = TrainConfig(data_path="latents/").resolved()
+    assert {k: getattr(official, k) for k in OFFICIAL_RECIPE} == OFFICIAL_RECIPE
+    assert TrainConfig(data_path="latents/", epochs=2).resolved().max_steps is None  # --epochs is the budget
+    assert resolve_recipe(args)["lr"] == 3e-4

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .diffusion_utils import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .dpm_solver import dpm_solver_pp_2m_update, dpm_solver_step_indices
@@ -441,8 +442,6 @@ class GaussianDiffusion:
             x = torch.randn(*shape, device=device)
         steps = list(range(self.num_timesteps))[::-1] if indices is None else list(indices)
         if progress:
-            from tqdm.auto import tqdm
-
             steps = tqdm(steps)
         for i in steps:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dit_fast.kernels import (
     gated_residual,
     gated_residual_modulated_layer_norm,

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+
 from dit_fast.kernels import _common, gated_residual, gated_residual_ref
 
 from ._util import DTYPES, check_against_references, grads_of

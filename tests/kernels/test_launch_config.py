@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dit_fast.kernels import _common
 from dit_fast.kernels.patchify import tile_config
 

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+
 from dit_fast.kernels import _common, modulated_layer_norm, modulated_layer_norm_ref
 
 from ._util import DTYPES, check_against_references, grads_of

@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dit_fast.kernels import patchify, patchify_ref, unpatchify
 
 from ._util import DTYPES, run_with_grads

@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import dit_fast.kernels as K
 import pytest
 import torch
+
+import dit_fast.kernels as K
 
 OPS = ["modulated_layer_norm", "gated_residual", "gated_residual_modulated_layer_norm", "patchify", "unpatchify"]
 

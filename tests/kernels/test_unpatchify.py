@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+
 from dit_fast.kernels import unpatchify, unpatchify_ref
 
 from ._util import DTYPES, run_with_grads

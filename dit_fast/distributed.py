@@ -1,0 +1,94 @@
+"""Processes: joining the ``torchrun`` process group, this process's place in it, and the few collectives the
+scripts need (a mean over ranks, an object from rank 0, gathering objects, a barrier).
+
+Every helper is a no-op in a single process, so training and sampling call them unconditionally. Launched by
+``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set), ``setup_distributed`` joins with nccl on GPUs and gloo on
+CPUs; ``cleanup`` leaves the group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place: rank, world size, local rank, device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | None) -> Dist:
+    """Join the ``torchrun`` process group if launched by torchrun (nccl on GPU, gloo on CPU), else one process.
+
+    ``device``: "cuda", "cpu" or None (cuda when available); on CUDA each process takes GPU ``LOCAL_RANK``.
+    RuntimeError when CUDA is requested and absent.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but CUDA is not available")
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def cleanup(d: Dist) -> None:
+    """Leave the process group (if this process joined one)."""
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    """Wait for every process."""
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(value: float, d: Dist) -> float:
+    """The mean of ``value`` over all processes (float64 all-reduce)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.item() / d.world_size
+
+
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    """Rank 0's ``obj`` on every process (picklable objects)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: Any, d: Dist) -> list[Any]:
+    """Every process's ``obj``, in rank order (picklable objects)."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
