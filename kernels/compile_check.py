@@ -55,7 +55,7 @@ def cases(op: str, dtype: str, dims: Sequence[int]) -> list[tuple[str, Launch]]:
 
 
 def specialise(launch: Launch, arch: int) -> tuple[Any, dict[str, Any]]:
-    """``(ASTSource, options)`` of ``launch`` as the JIT builds it for ``sm_<arch>``: its binder and argument packing."""
+    """``(ASTSource, options)`` of ``launch`` as the JIT builds it for ``sm_<arch>`` (its binder and arg packing)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature

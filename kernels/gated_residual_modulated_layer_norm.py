@@ -3,9 +3,10 @@
 One read of x and y, one write of r (the residual stream, for the next residual add) and of out (the next branch's
 input). Four layers: the row kernels of ``_row.py`` with ``HAS_RESIDUAL`` and ``HAS_NORM``; the launchers
 ``gated_residual_modulated_layer_norm_fwd/_bwd`` (no autograd); the custom ops
-``dit_fast::gated_residual_modulated_layer_norm`` (+ autograd) and ``dit_fast::gated_residual_modulated_layer_norm_bwd``,
-which ``torch.compile(fullgraph=True)`` traces through; and the public ``gated_residual_modulated_layer_norm`` beside
-its plain-PyTorch oracle ``gated_residual_modulated_layer_norm_ref``.
+``dit_fast::gated_residual_modulated_layer_norm`` (+ autograd) and
+``dit_fast::gated_residual_modulated_layer_norm_bwd``, which ``torch.compile(fullgraph=True)`` traces through; and the
+public ``gated_residual_modulated_layer_norm`` beside its plain-PyTorch oracle
+``gated_residual_modulated_layer_norm_ref``.
 
 Mixed precision (autocast): x may be fp32 while gate/y/shift/scale are bf16/fp16; r keeps x's dtype, out comes out
 in shift/scale's dtype (what the next linear reads: no cast kernels around the op), the math is fp32, each gradient

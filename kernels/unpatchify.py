@@ -11,6 +11,7 @@ autograd); the custom ops ``dit_fast::unpatchify`` (+ autograd) and ``dit_fast::
 from __future__ import annotations
 
 import math
+
 import torch
 
 from ._common import Launch, capture_launches, check_tensor, register_op, use_triton
