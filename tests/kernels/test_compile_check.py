@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import torch
+
 from dit_fast.kernels import compile_check
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dit_fast.kernels import linear_gelu, linear_gelu_ref
 
 from ._util import DTYPES, check_against_references
