@@ -10,7 +10,9 @@ from the cubin with the ``cuobjdump`` that ships with Triton. Exits 1 if any bui
 
 Dtypes: ``fp32``, ``fp16``, ``bf16`` (everything in one dtype) and ``fp32/bf16``, ``fp32/fp16`` (autocast: an fp32
 residual stream with the branch, gate, shift and scale in the lower precision; row ops only, the patch ops never mix).
-Needs Triton >= 3.4 (the binder API ``create_function_from_signature(signature, params, backend)``).
+The specialisation goes through the JIT's own (private) helpers, ``triton.runtime.jit.create_function_from_signature``
+and ``JITFunction._pack_args``, as recent Triton 3.x releases have them (checked with Triton 3.8); if a release
+renames them, every build fails loudly instead of compiling a different specialisation.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from ._util import DTYPE_MIXES, check_against_references, grads_of
 op_module = importlib.import_module("dit_fast.kernels.gated_residual_modulated_layer_norm")
 
 # (B, T, D, backward programs aimed at), as in test_modulated_layer_norm.
-SHAPES = [(1, 7, 37, 512), (3, 36, 100, 4), (2, 9, 384, 512), (1, 3, 1152, 2)]
+SHAPES = [(1, 7, 37, 512), (3, 36, 100, 4), (2, 9, 384, 512), (2, 5, 64, 512), (1, 3, 1152, 2)]
 
 
 def make_leaves(B: int, T: int, D: int, dtype: torch.dtype, mod_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
