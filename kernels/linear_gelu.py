@@ -95,7 +95,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
 
     Returns:
         (..., N). CUDA tensors run ``dit_fast::linear_gelu`` (one cuBLASLt GEMM); under autocast the operands are
-        cast to the autocast dtype first, as ``F.linear`` would. Other devices run :func:`linear_gelu_ref`.
+        cast to the autocast dtype first, as ``F.linear`` would, but on every call: autocast's cache of weight casts
+        (which lasts one ``torch.autocast`` context) is not reachable from Python, so inside one context spanning
+        many forwards ``F.linear`` reuses its cast where this casts again. Other devices run
+        :func:`linear_gelu_ref`.
     """
     _check_inputs(x, weight, bias)
     if not x.is_cuda:
