@@ -21,14 +21,18 @@ Backends: ``kernels="auto" | "triton" | "torch"`` (the ``dit_fast.kernels`` ops,
 plain-PyTorch ``_ref`` twins, which ``torch.compile`` fuses on the CPU; default ``$DIT_FAST_KERNELS``, else Triton
 on CUDA and torch elsewhere) and ``attention=`` any name of ``dit_fast.attention.BACKENDS`` or "auto".
 
-Precision: the conditioning (timestep MLP, c) is computed in fp32 whatever the weights' dtype; the fused norms
-compute in fp32 internally; the residual stream keeps the embedded tokens' dtype (bf16 with bf16 weights, fp32 under
-autocast, as in the reference).
+Precision: the conditioning (timestep MLP, c) is computed in fp32 whatever the weights' dtype, and ``silu(c)`` is cast
+once to the dtype the adaLN linears compute in; the fused norms compute in fp32 internally; the residual stream keeps
+the embedded tokens' dtype (bf16 with bf16 weights, fp32 under autocast, as in the reference). Under autocast the
+fused ops take the fp32 stream with the bf16/fp16 modulation and branch outputs as they come and return the branch
+input in the modulation's dtype, so no cast kernel runs around them; the batched adaLN weight is cached in the
+autocast dtype.
 
 Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
 weight. With gradients, each block computes its own adaLN from its own parameters (no cross-block parameter access,
 so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). On the CPU the linears run
-through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.onednn``). The
+through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.onednn``); on
+CUDA, without gradients, fc1's bias and GELU run in cuBLASLt's GEMM epilogue (``dit_fast.kernels.linear_gelu``). The
 kernel sets come from ``dit_fast.kernels.registry``; ARCHITECTURE.md at the repository root places the model among
 the other layers.
 """
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dit_fast import kernels as K
 from dit_fast import reference
 from dit_fast.attention import attention, require_backend
 from dit_fast.kernels.registry import KERNELS, KERNELS_ENV_VAR, KernelOps, require_kernels, resolve_kernels
@@ -102,10 +107,20 @@ class Attention(reference.Attention):
 
 
 class Mlp(reference.Mlp):
-    """The reference MLP (same parameters) with its linears through ``fused_linear`` (bias + GELU fused on CPU)."""
+    """The reference MLP (same parameters) with fc1's bias + GELU in the GEMM epilogue where no gradient is needed:
+    cuBLASLt's (``dit_fast.kernels.linear_gelu``) on CUDA, oneDNN's (``fused_linear``) on the CPU.
+
+    With gradients fc1 is a linear (bias still in the epilogue) plus a GELU: autograd keeps the pre-activation for
+    the GELU's backward, cheaper than recomputing it with a second GEMM (what ``linear_gelu``'s backward does).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_linear(fused_linear(x, self.fc1, gelu=True), self.fc2)  # (N, T, D)
+        fc1 = self.fc1
+        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)):
+            h = K.linear_gelu(x, fc1.weight, fc1.bias)  # (N, T, 4D)
+        else:
+            h = fused_linear(x, fc1, gelu=True)  # (N, T, 4D)
+        return fused_linear(h, self.fc2)  # (N, T, D)
 
 
 class DiTFastBlock(reference.DiTBlock):
@@ -141,13 +156,12 @@ class DiTFastBlock(reference.DiTBlock):
         if mod is None:
             linear = self.adaLN_modulation[1]
             mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 6D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.to(x.dtype).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         if branch is None:
             h = ops.modulated_layer_norm(x, shift_msa, scale_msa, self.norm1.eps)  # (N, T, D)
         else:
-            x, h = ops.gated_residual_modulated_layer_norm(x, gate.to(x.dtype), branch.to(x.dtype), shift_msa,
-                                                           scale_msa, self.norm1.eps)
-        x, h = ops.gated_residual_modulated_layer_norm(x, gate_msa, self.attn(h).to(x.dtype), shift_mlp, scale_mlp,
+            x, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift_msa, scale_msa, self.norm1.eps)
+        x, h = ops.gated_residual_modulated_layer_norm(x, gate_msa, self.attn(h), shift_mlp, scale_mlp,
                                                        self.norm2.eps)
         return x, gate_mlp, self.mlp(h)
 
@@ -161,9 +175,8 @@ class FinalLayer(reference.FinalLayer):
         silu_c (N, D) -> (N, T, p*p*out) tokens, each vector in (p, p, out) order."""
         linear = self.adaLN_modulation[1]
         mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 2D)
-        shift, scale = mod.to(x.dtype).chunk(2, dim=1)
-        _, h = ops.gated_residual_modulated_layer_norm(x, gate.to(x.dtype), branch.to(x.dtype), shift, scale,
-                                                       self.norm_final.eps)
+        shift, scale = mod.chunk(2, dim=1)
+        _, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift, scale, self.norm_final.eps)
         return fused_linear(h, self.linear)
 
 
@@ -212,7 +225,7 @@ class DiTFast(DiT):
             num_classes, learn_sigma, numerics=numerics,
         )
         self.gradient_checkpointing = gradient_checkpointing
-        self._modulation_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor, torch.Tensor] | None = None
+        self._modulation_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
         self.kernels = "auto"
         self.attention = "auto"
         self.set_kernels(kernels)
@@ -264,7 +277,7 @@ class DiTFast(DiT):
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Tokens (N, T, D), timesteps (N,), labels (N,) -> model output (N, out_channels, H, W)."""
         c = self.t_embedder(t) + self.y_embedder(y, self.training).float()  # (N, D), fp32
-        silu_c = F.silu(c)  # (N, D)
+        silu_c = F.silu(c).to(self._adaln_dtype(x))  # (N, D), cast once for every block's adaLN
         mods = self._batched_modulation(silu_c)  # (depth, N, 6D) or None
         gate = branch = None
         for i, block in enumerate(self.blocks):
@@ -277,13 +290,20 @@ class DiTFast(DiT):
         out = self.final_layer(x, gate, branch, silu_c, ops)  # (N, T, p*p*out)
         return ops.unpatchify(out, self.patch_size, self.out_channels, self.config.grid_size)  # (N, out, H, W)
 
+    def _adaln_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the adaLN linears compute in: autocast's when it is on, else their weights'."""
+        if _autocasting(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.final_layer.adaLN_modulation[1].weight.dtype
+
     def _batched_modulation(self, silu_c: torch.Tensor) -> torch.Tensor | None:
         """Every block's adaLN output, (depth, N, 6D), in one batched GEMM; None where blocks must compute their own.
 
         Only for inference: with gradients each block computes its own modulation (so FSDP can shard per block and
         the weight gradients need no scatter), and under compilation or CUDA-graph capture too (the stacked weight
         is a cache keyed on the parameters' storage and version counters, which neither can check). The cache is
-        rebuilt whenever a parameter is replaced or modified in place (optimizer step, EMA update, load_state_dict).
+        rebuilt whenever a parameter is replaced or modified in place (optimizer step, EMA update, load_state_dict),
+        and held in ``silu_c``'s dtype (autocast's under autocast), so no forward casts the stacked weight.
         """
         if torch.compiler.is_compiling() or (silu_c.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
@@ -295,15 +315,13 @@ class DiTFast(DiT):
             return None
         if any(type(p.data) is not torch.Tensor for p in params):
             return None  # sharded or otherwise wrapped parameters (DTensor, ...)
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = (silu_c.dtype, *((p.data_ptr(), p._version) for p in params))
         if self._modulation_cache is None or self._modulation_cache[0] != key:
             with torch.no_grad():
-                weight = torch.stack([linear.weight for linear in linears])  # (depth, 6D, D)
-                bias = torch.stack([linear.bias for linear in linears]).unsqueeze(1)  # (depth, 1, 6D)
+                weight = torch.stack([linear.weight for linear in linears]).to(silu_c.dtype)  # (depth, 6D, D)
+                bias = torch.stack([linear.bias for linear in linears]).unsqueeze(1).to(silu_c.dtype)  # (depth, 1, 6D)
             self._modulation_cache = (key, weight, bias)
         _, weight, bias = self._modulation_cache
-        if not _autocasting(silu_c.device.type):
-            silu_c = silu_c.to(weight.dtype)
         depth, n = weight.shape[0], silu_c.shape[0]
         return torch.baddbmm(bias, silu_c.expand(depth, n, -1), weight.transpose(1, 2))  # (depth, N, 6D)
 

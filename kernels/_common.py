@@ -38,12 +38,15 @@ if HAS_TRITON:
     except ImportError:  # a broken install: behave as if absent
         HAS_TRITON = False
 
-# Widest row the single-block row kernels keep in registers (fp32 working copies of a few rows of this width).
+# Widest row the row kernels keep in registers (fp32 working copies of a few rows of this width).
 MAX_FUSED_DIM = 16384
 # Programs the row-block backward kernels aim to launch (~8 per SM of a 132-SM H100/H200; a fixed number, so the
 # token partition, hence the summation order, is the same on every device); each writes one fp32 partial row per
 # reduced parameter. Not yet tuned on hardware.
 BWD_TARGET_PROGRAMS = 1024
+# The forward row kernels shrink their row tiles until they launch at least this many programs (when there are that
+# many tiles to cut): about two per SM of a 132-SM GPU, so small batches still fill the device.
+FWD_MIN_PROGRAMS = 256
 _TRUE_VALUES = ("1", "true", "yes", "on")
 
 
@@ -118,6 +121,9 @@ class TritonKernel:
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
         def launch(*args: Any, **meta: Any) -> Any:
+            if _captured is not None:
+                _captured.append(Launch(self, tuple(grid), args, meta))
+                return None
             first = next(a for a in args if isinstance(a, torch.Tensor))
             if (interpret_enabled() or first.device.type == "cpu") and not is_fake(first):
                 with language_flavour(interpreted=True):
@@ -126,6 +132,35 @@ class TritonKernel:
                 return wrap_triton(self.jit)[grid](*args, **meta)
 
         return launch
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher issued it: the kernel, its grid, positional arguments and keyword meta
+    (constexprs, ``num_warps``). Recorded by :func:`capture_launches`."""
+
+    kernel: TritonKernel
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    meta: dict[str, Any]
+
+
+_captured: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list[Launch]]:
+    """Record the launches the launchers issue instead of running them (``compile_check`` builds exactly these).
+
+    The launchers still allocate their outputs (use CPU tensors: ``torch.empty`` does not touch the memory); what the
+    kernels would write stays uninitialised.
+    """
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
 
 
 @functools.cache
@@ -187,14 +222,51 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def row_config(dim: int) -> tuple[int, int]:
-    """Launch config of the one-row-per-program kernels for rows of ``dim`` elements: ``(BLOCK_D, num_warps)``.
+def prev_power_of_2(n: int) -> int:
+    """Largest power of two <= ``n`` (>= 1)."""
+    return 1 << max(int(n).bit_length() - 1, 0)
 
-    ``BLOCK_D`` covers the row in one masked block; one warp per 256 lanes (8 fp32 per thread), 1 to 8 warps:
-    384 -> (512, 2), 768/1024 -> (1024, 4), 1152 -> (2048, 8).
+
+@dataclass(frozen=True)
+class RowConfig:
+    """Launch configuration of the row kernels for rows of one width.
+
+    A row of D elements is two register tiles: a head of ``block_d`` = the largest power of two <= D columns (never
+    masked) and a tail of ``block_tail`` = next_power_of_2(D - block_d) columns (masked; 0 when D is a power of two),
+    so DiT's widths are covered with no idle lanes (384 = 256 + 128, 768 = 512 + 256, 1152 = 1024 + 128) and the
+    row still stays in registers between the statistics and the normalisation. ``block_m`` rows (tokens of one
+    batch element) are processed together, ``num_warps`` warps per program.
     """
-    block = next_power_of_2(dim)
-    return block, min(max(block // 256, 1), 8)
+
+    block_m: int
+    block_d: int
+    block_tail: int
+    num_warps: int
+
+    @property
+    def meta(self) -> dict[str, int]:
+        """The kernels' launch keywords."""
+        return {"BLOCK_M": self.block_m, "BLOCK_D": self.block_d, "BLOCK_TAIL": self.block_tail,
+                "num_warps": self.num_warps}
+
+
+def row_config(dim: int, tokens: int, programs: int | None = None, backward: bool = False) -> RowConfig:
+    """Row-kernel launch configuration for rows of ``dim`` elements, ``tokens`` rows per batch element.
+
+    The forward aims at ~4096 elements per tile (16 per thread), the backward (which also keeps three fp32 partial
+    sums and the per-channel gate/scale rows live) at ~2048 (8 per thread); at most 16 rows, never more than a batch
+    element has. ``programs(block_m)``, when given, is the program count a tile height gives: tiles shrink until at
+    least ``FWD_MIN_PROGRAMS`` programs run (or one row per tile).
+    """
+    block_d = prev_power_of_2(dim)
+    block_tail = next_power_of_2(dim - block_d) if dim > block_d else 0
+    width = block_d + block_tail
+    target, per_thread = (2048, 8) if backward else (4096, 16)
+    block_m = min(prev_power_of_2(max(target // width, 1)), 16, next_power_of_2(tokens))
+    while programs is not None and block_m > 1 and programs(block_m) < FWD_MIN_PROGRAMS:
+        block_m //= 2
+    num_warps = min(max(prev_power_of_2(block_m * width // (32 * per_thread)), 1), 8)
+    return RowConfig(block_m, block_d, block_tail, num_warps)
 
 
 def bwd_rows_per_program(batch: int, tokens: int) -> int:
@@ -216,26 +288,34 @@ def check_tensor(name: str, t: Any, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
 
 
-def check_same(ref_name: str, ref: torch.Tensor, others: Sequence[tuple[str, torch.Tensor]]) -> None:
-    """TypeError / ValueError unless every tensor in ``others`` has ``ref``'s dtype and device."""
+def check_device(ref_name: str, ref: torch.Tensor, others: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """ValueError unless every tensor in ``others`` is on ``ref``'s device."""
     for name, t in others:
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
         if t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
 
 
+def check_same_dtype(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor, why: str) -> None:
+    """TypeError unless ``a`` and ``b`` share a dtype (``why`` says what depends on it)."""
+    if a.dtype != b.dtype:
+        raise TypeError(f"{names[0]} has dtype {a.dtype} but {names[1]} has {b.dtype}; they must match ({why})")
+
+
 def check_modulation(name: str, t: Any, x: torch.Tensor) -> None:
-    """Checks for a per-(batch, channel) modulation tensor (shift/scale/gate) against ``x`` of shape (B, T, D)."""
+    """Checks for a per-(batch, channel) modulation tensor (shift/scale/gate) against ``x`` of shape (B, T, D).
+
+    Any float dtype (fp32/fp16/bf16), independent of x's: the residual stream may be fp32 while the modulation is in
+    autocast's bf16/fp16.
+    """
     check_tensor(name, t, 2)
     if t.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"{name} must have shape (B, D) = {(x.shape[0], x.shape[2])} for x of shape "
                          f"{tuple(x.shape)}, got {tuple(t.shape)}")
-    check_same("x", x, [(name, t)])
+    check_device("x", x, [(name, t)])
 
 
 def check_row_dim(dim: int) -> None:
-    """ValueError for rows the single-block kernels cannot hold."""
+    """ValueError for rows wider than the row kernels hold in registers."""
     if dim > MAX_FUSED_DIM:
         raise ValueError(f"hidden size {dim} exceeds the fused kernels' limit of {MAX_FUSED_DIM}; "
                          "use the <op>_ref functions")
@@ -244,40 +324,3 @@ def check_row_dim(dim: int) -> None:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim has unit stride, else a contiguous copy."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def triton_dtype(dtype: torch.dtype) -> str:
-    """Triton's name for a torch dtype in kernel signatures (``triton.compile``)."""
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
-@dataclass(frozen=True)
-class CompileCase:
-    """One kernel specialisation for ``compile_check``: the kernel, its pointer dtypes, constexprs and num_warps, and a
-    label naming the shapes it serves.
-
-    ``ptr_dtypes`` maps each ``*_ptr`` argument to a Triton dtype name ("fp32", "bf16", ...); other runtime arguments
-    are 32-bit integers, except ``eps`` (fp32).
-    """
-
-    kernel: TritonKernel
-    ptr_dtypes: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int
-    label: str
-
-
-def row_compile_cases(kernels: Sequence[tuple[TritonKernel, dict[str, str], dict[str, Any]]],
-                      dims: Sequence[int]) -> list[CompileCase]:
-    """Compile cases of row kernels for hidden sizes ``dims``: one per distinct :func:`row_config`.
-
-    ``kernels`` holds ``(kernel, ptr_dtypes, extra constexprs)``; ``BLOCK_D`` and num_warps come from the dims.
-    """
-    by_config: dict[tuple[int, int], list[int]] = {}
-    for dim in dims:
-        by_config.setdefault(row_config(dim), []).append(dim)
-    return [
-        CompileCase(kernel, ptrs, {**extra, "BLOCK_D": block_d}, num_warps, "D=" + ",".join(map(str, dims_)))
-        for (block_d, num_warps), dims_ in by_config.items()
-        for kernel, ptrs, extra in kernels
-    ]

@@ -1,19 +1,24 @@
 """Compile every fused kernel for sm_80 and sm_90, no GPU needed: ``python -m dit_fast.kernels.compile_check``.
 
-For each op, dtype (fp32/fp16/bf16) and launch configuration its launcher picks for DiT's hidden sizes (384, 768,
-1024, 1152) or patch shapes, builds the kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
-32))`` down to a cubin, and prints one line with the resources ptxas assigned (registers, stack, local memory i.e.
-spills, shared memory), read from the cubin with the ``cuobjdump`` that ships with Triton. Exits 1 if any build fails.
+Each case is a launch the launchers really issue: the op's launchers are called on (uninitialised) CPU tensors laid
+out as DiT passes them (DiT-XL/2 shapes at 256 px, batch 32, adaLN chunks as strided views) with the kernels'
+launches captured instead of run. Triton's own JIT binder then specialises each launch for the target exactly as a
+launch on that GPU would (pointer dtypes, 16-byte divisibility of pointers and integers, integers equal to 1 folded
+into constants, the launcher's constexprs and ``num_warps``), and ``triton.compile`` builds it down to a cubin. One
+line per build gives the resources ptxas assigned (registers, spills to local memory, stack, shared memory), read
+from the cubin with the ``cuobjdump`` that ships with Triton. Exits 1 if any build fails.
 
-The kernels are compiled with their generic signature (32-bit integer arguments, no value specialisation), a superset
-of what the JIT builds at launch. Works with Triton >= 3.3 (name-keyed ``ASTSource`` signatures).
+Dtypes: ``fp32``, ``fp16``, ``bf16`` (everything in one dtype) and ``fp32/bf16``, ``fp32/fp16`` (autocast: an fp32
+residual stream with the branch, gate, shift and scale in the lower precision; row ops only, the patch ops never mix).
+The specialisation goes through the JIT's own (private) helpers, ``triton.runtime.jit.create_function_from_signature``
+and ``JITFunction._pack_args``, as recent Triton 3.x releases have them (checked with Triton 3.8); if a release
+renames them, every build fails loudly instead of compiling a different specialisation.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import re
 import subprocess
 import sys
@@ -21,32 +26,48 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ._common import CompileCase, language_flavour, require_triton
+from ._common import Launch, language_flavour, require_triton
 
+ROW_OPS = ("modulated_layer_norm", "gated_residual", "gated_residual_modulated_layer_norm")
+PATCH_OPS = ("patchify", "unpatchify")
 # Op name -> its module (imported by name: the package re-exports the op functions under the same names).
-OPS = {name: importlib.import_module(f"{__package__}.{name}") for name in (
-    "modulated_layer_norm", "gated_residual", "gated_residual_modulated_layer_norm", "patchify", "unpatchify")}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPS = {name: importlib.import_module(f"{__package__}.{name}") for name in ROW_OPS + PATCH_OPS}
+# Dtype spec -> (residual stream dtype, modulation/branch dtype).
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "fp16": (torch.float16, torch.float16),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp32/bf16": (torch.float32, torch.bfloat16),
+    "fp32/fp16": (torch.float32, torch.float16),
+}
 ARCHS = (80, 90)
 DIMS = (384, 768, 1024, 1152)
 
 
-def signature(case: CompileCase) -> dict[str, str]:
-    """``ASTSource`` signature of a case: ``*dtype`` for ``*_ptr`` args, fp32 ``eps``, i32 otherwise, constexprs."""
-    sig = {}
-    for name, param in inspect.signature(case.kernel.fn).parameters.items():
-        if "constexpr" in str(param.annotation):
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + case.ptr_dtypes[name]
-        elif name == "eps":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+def cases(op: str, dtype: str, dims: Sequence[int]) -> list[tuple[str, Launch]]:
+    """The captured launches of ``op`` for a dtype spec and hidden sizes (none for a patch op with a mixed spec)."""
+    x_dtype, mod_dtype = DTYPES[dtype]
+    if op in ROW_OPS:
+        return OPS[op].compile_cases(x_dtype, mod_dtype, dims)
+    return OPS[op].compile_cases(x_dtype) if x_dtype == mod_dtype else []
+
+
+def specialise(launch: Launch, arch: int) -> tuple[Any, dict[str, Any]]:
+    """``(ASTSource, options)`` of ``launch`` as the JIT builds it for ``sm_<arch>`` (its binder and arg packing)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    jit = launch.kernel.jit
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **launch.meta)
+    options, signature, constexprs, attrs = jit._pack_args(backend, launch.meta, bound_args, specialization, options)
+    return ASTSource(jit, signature, constexprs, attrs), options.__dict__
 
 
 def _cuobjdump() -> Path | None:
@@ -71,21 +92,26 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(zip(("regs", "stack", "shared", "local"), map(int, match.groups()), strict=True))
 
 
-def compile_case(case: CompileCase, arch: int) -> str:
-    """Compile one case for ``sm_<arch>``; returns the resource summary (raises on a compile error)."""
+def compile_launch(launch: Launch, arch: int) -> str:
+    """Compile one launch for ``sm_<arch>``; returns the resource summary (raises on a compile error)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    src = ASTSource(case.kernel.jit, signature=signature(case), constexprs=case.constexprs)
+    src, options = specialise(launch, arch)
     with language_flavour(interpreted=False):
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     usage = resource_usage(compiled.asm["cubin"])
     shared = getattr(compiled.metadata, "shared", None)
     if not usage:
         return f"shared={shared} B (cuobjdump unavailable: registers/spills not read)"
     return (f"regs={usage['regs']:3d} spill(local)={usage['local']} B stack={usage['stack']} B "
             f"shared={shared} B")
+
+
+def describe(launch: Launch) -> str:
+    """The launch's constexpr keywords and ``num_warps``, e.g. ``HAS_NORM=True BLOCK_M=2 ... warps=4``."""
+    meta = {k: v for k, v in launch.meta.items() if k != "num_warps"}
+    return " ".join(f"{k}={v}" for k, v in meta.items()) + f" warps={launch.meta.get('num_warps', 4)}"
 
 
 def run(ops: Sequence[str], dtypes: Sequence[str], archs: Sequence[int], dims: Sequence[int]) -> int:
@@ -96,14 +122,12 @@ def run(ops: Sequence[str], dtypes: Sequence[str], archs: Sequence[int], dims: S
     start = time.perf_counter()
     for op in ops:
         for dtype in dtypes:
-            for case in OPS[op].compile_cases(DTYPES[dtype], dims):
-                consts = " ".join(f"{k}={v}" for k, v in case.constexprs.items())
+            for label, launch in cases(op, dtype, dims):
                 for arch in archs:
                     total += 1
-                    head = (f"{case.kernel.__name__:<52} {dtype:<4} sm_{arch} {case.label:<16} "
-                            f"warps={case.num_warps} {consts}")
+                    head = f"{launch.kernel.__name__:<16} {dtype:<9} sm_{arch} {label:<48} {describe(launch)}"
                     try:
-                        print(f"OK   {head}: {compile_case(case, arch)}", flush=True)
+                        print(f"OK   {head}: {compile_launch(launch, arch)}", flush=True)
                     except Exception as e:  # report every failure, then exit non-zero
                         failures += 1
                         print(f"FAIL {head}: {type(e).__name__}: {e}", flush=True)
@@ -116,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dit_fast.kernels.compile_check",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                        help="x dtype, or residual-stream/modulation dtypes")
     parser.add_argument("--archs", nargs="+", type=int, choices=ARCHS, default=list(ARCHS))
     parser.add_argument("--dims", nargs="+", type=int, default=list(DIMS), help="hidden sizes (row kernels)")
     args = parser.parse_args(argv)

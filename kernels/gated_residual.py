@@ -1,8 +1,12 @@
 """Gated residual, the adaLN-Zero branch merge of every DiT block: ``x + gate * y``.
 
-Four layers (DESIGN.md section 1): the Triton kernels, the launchers ``gated_residual_fwd/_bwd``, the custom ops
-``dit_fast::gated_residual`` (+ autograd) and ``dit_fast::gated_residual_bwd``, and the public ``gated_residual``
-beside its plain-PyTorch oracle ``gated_residual_ref``.
+Four layers: the row kernels of ``_row.py`` with ``HAS_RESIDUAL`` (no norm); the launchers ``gated_residual_fwd/_bwd``
+(no autograd); the custom ops ``dit_fast::gated_residual`` (+ autograd) and ``dit_fast::gated_residual_bwd``, which
+``torch.compile(fullgraph=True)`` traces through; and the public ``gated_residual`` beside its plain-PyTorch oracle
+``gated_residual_ref``.
+
+Mixed precision: x (the residual stream) may be fp32 while gate and y are bf16/fp16 (autocast); the result keeps x's
+dtype, the math is fp32, each gradient comes in its input's dtype.
 """
 
 from __future__ import annotations
@@ -11,84 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import (
-    CompileCase,
-    bwd_rows_per_program,
-    check_modulation,
-    check_row_dim,
-    check_same,
-    check_tensor,
-    last_dim_contiguous,
-    register_op,
-    row_compile_cases,
-    row_config,
-    tl,
-    triton_dtype,
-    triton_kernel,
-    use_triton,
-)
-
-# Forward, one program per row (token): r = x + gate[b] * y, in fp32, rounded once on store.
-# Limits: the row is one masked block of BLOCK_D = next_power_of_2(D) lanes (D <= MAX_FUSED_DIM); gate takes any
-# strides (adaLN chunks are (B, D) with stride (6D, 1)); x's and y's last dims are unit stride.
-
-
-@triton_kernel
-def _gated_residual_fwd_kernel(
-    x_ptr, gate_ptr, y_ptr, r_ptr,
-    T, D,
-    stride_xb, stride_xt,
-    stride_yb, stride_yt,
-    stride_gate_b, stride_gate_d,
-    BLOCK_D: tl.constexpr,
-):
-    row = tl.program_id(0)  # b * T + t
-    b = row // T
-    t = row % T
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(x_ptr + b.to(tl.int64) * stride_xb + t.to(tl.int64) * stride_xt + cols,
-                mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + b.to(tl.int64) * stride_yb + t.to(tl.int64) * stride_yt + cols,
-                mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
-    tl.store(r_ptr + row.to(tl.int64) * D + cols, (x + gate * y).to(r_ptr.dtype.element_ty), mask=mask)
-
-
-# Backward, one program per (batch b, block of ROWS tokens), walking its rows (dx = dr needs no kernel):
-#   dy = gate[b] * dr  (per row),   dgate[b] = sum_t dr * y  (fp32 partial row per program, summed afterwards:
-#   no atomics, deterministic).
-
-
-@triton_kernel
-def _gated_residual_bwd_kernel(
-    dr_ptr, gate_ptr, y_ptr, dy_ptr, dgate_part_ptr,
-    T, D, ROWS, n_blocks,
-    stride_drb, stride_drt,
-    stride_yb, stride_yt,
-    stride_gate_b, stride_gate_d,
-    BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0)  # b * n_blocks + block
-    b = pid // n_blocks
-    t_start = (pid % n_blocks) * ROWS
-    t_end = tl.minimum(t_start + ROWS, T)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
-    dgate = tl.zeros([BLOCK_D], dtype=tl.float32)
-    row = b.to(tl.int64) * T + t_start  # advanced with the loop, as are the row pointers
-    dr_ptrs = dr_ptr + b.to(tl.int64) * stride_drb + t_start.to(tl.int64) * stride_drt + cols
-    y_ptrs = y_ptr + b.to(tl.int64) * stride_yb + t_start.to(tl.int64) * stride_yt + cols
-    for _ in range(t_start, t_end):
-        dr = tl.load(dr_ptrs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dgate += dr * y
-        tl.store(dy_ptr + row * D + cols, (gate * dr).to(dy_ptr.dtype.element_ty), mask=mask)
-        row += 1
-        dr_ptrs += stride_drt
-        y_ptrs += stride_yt
-    tl.store(dgate_part_ptr + pid.to(tl.int64) * D + cols, dgate, mask=mask)
+from ._common import Launch, capture_launches, check_device, check_modulation, check_tensor, register_op, use_triton
+from ._row import compile_inputs, row_backward, row_forward
 
 
 def _check_inputs(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> None:
@@ -96,56 +24,28 @@ def _check_inputs(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> None:
     check_tensor("y", y, 3)
     if y.shape != x.shape:
         raise ValueError(f"y shape {tuple(y.shape)} != x shape {tuple(x.shape)}")
-    check_same("x", x, [("y", y)])
+    check_device("x", x, [("y", y)])
     check_modulation("gate", gate, x)
 
 
 def gated_residual_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Launch the forward kernel (no autograd): x, y (B, T, D), gate (B, D) -> r (B, T, D)."""
+    """Launch the forward kernel (no autograd): x, y (B, T, D), gate (B, D) -> r (B, T, D) in x's dtype."""
     _check_inputs(x, gate, y)
-    x = last_dim_contiguous(x)
-    y = last_dim_contiguous(y)
-    B, T, D = x.shape
-    check_row_dim(D)
-    r = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    if B * T == 0:
-        return r
-    block_d, num_warps = row_config(D)
-    _gated_residual_fwd_kernel[(B * T,)](
-        x, gate, y, r,
-        T, D,
-        x.stride(0), x.stride(1),
-        y.stride(0), y.stride(1),
-        gate.stride(0), gate.stride(1),
-        BLOCK_D=block_d, num_warps=num_warps,
-    )
+    r, _, _, _ = row_forward(x, gate, y, None, None, 0.0)
     return r
 
 
 def gated_residual_bwd(grad_r: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel (no autograd): grads (dgate (B, D), dy (B, T, D)); dx is ``grad_r`` itself.
 
-    dgate is summed over tokens deterministically (per-block fp32 partials, then one reduction).
+    dgate is summed over tokens deterministically (per-block fp32 partials, then one reduction), in gate's dtype; dy
+    comes in y's dtype.
     """
-    _check_inputs(grad_r, gate, y)
-    grad_r = last_dim_contiguous(grad_r)
-    y = last_dim_contiguous(y)
-    B, T, D = y.shape
-    dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)
-    rows = bwd_rows_per_program(B, T)
-    n_blocks = -(-T // rows)
-    dgate_part = torch.empty((B, n_blocks, D), dtype=torch.float32, device=y.device)
-    if B * T > 0:
-        block_d, num_warps = row_config(D)
-        _gated_residual_bwd_kernel[(B * n_blocks,)](
-            grad_r, gate, y, dy, dgate_part,
-            T, D, rows, n_blocks,
-            grad_r.stride(0), grad_r.stride(1),
-            y.stride(0), y.stride(1),
-            gate.stride(0), gate.stride(1),
-            BLOCK_D=block_d, num_warps=num_warps,
-        )
-    return dgate_part.sum(dim=1).to(gate.dtype), dy
+    check_tensor("grad_r", grad_r, 3)
+    if grad_r.shape != y.shape:
+        raise ValueError(f"grad_r shape {tuple(grad_r.shape)} != y shape {tuple(y.shape)}")
+    _, dy, dgate, _, _ = row_backward(grad_r, None, None, y, gate, None, None, None, tuple(y.shape))
+    return dgate, dy
 
 
 _fwd_op = register_op("dit_fast::gated_residual", gated_residual_fwd)
@@ -167,8 +67,12 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch oracle: ``x + gate[:, None] * y``; x, y (B, T, D), gate (B, D) -> (B, T, D)."""
-    return x + gate.unsqueeze(1) * y
+    """Plain-PyTorch oracle: ``x + gate[:, None] * y`` in x's dtype; x, y (B, T, D), gate (B, D) -> (B, T, D).
+
+    With mixed dtypes PyTorch's type promotion applies (under autocast: the bf16 product added to the fp32 stream,
+    as the reference DiT computes it), then the sum is cast to x's dtype (a no-op when it already is).
+    """
+    return (x + gate.unsqueeze(1) * y).to(x.dtype)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -176,12 +80,12 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
     Args:
         x: (B, T, D) residual stream, fp32/fp16/bf16.
-        gate: (B, D), same dtype and device; any strides (e.g. a chunk of ``adaLN_modulation(c)``).
-        y: (B, T, D) branch output (attention or MLP).
+        gate: (B, D), any float dtype, x's device; any strides (e.g. a chunk of ``adaLN_modulation(c)``).
+        y: (B, T, D) branch output (attention or MLP), any float dtype.
 
     Returns:
-        (B, T, D), x's dtype. CUDA tensors run the Triton kernels; CPU tensors the reference (or the kernels in the
-        Triton interpreter with ``TRITON_INTERPRET=1``).
+        (B, T, D) in x's dtype, computed in fp32. CUDA tensors run the Triton kernels; CPU tensors the reference (or
+        the kernels in the Triton interpreter with ``TRITON_INTERPRET=1``).
     """
     _check_inputs(x, gate, y)
     if not use_triton(x):
@@ -189,9 +93,15 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     return _fwd_op(x, gate, y)
 
 
-def compile_cases(dtype: torch.dtype, dims: Sequence[int]) -> list[CompileCase]:
-    """The kernel specialisations launched for ``dtype`` tensors of hidden sizes ``dims`` (for ``compile_check``)."""
-    t = triton_dtype(dtype)
-    fwd = {"x_ptr": t, "gate_ptr": t, "y_ptr": t, "r_ptr": t}
-    bwd = {"dr_ptr": t, "gate_ptr": t, "y_ptr": t, "dy_ptr": t, "dgate_part_ptr": "fp32"}
-    return row_compile_cases([(_gated_residual_fwd_kernel, fwd, {}), (_gated_residual_bwd_kernel, bwd, {})], dims)
+def compile_cases(x_dtype: torch.dtype, mod_dtype: torch.dtype, dims: Sequence[int]) -> list[tuple[str, Launch]]:
+    """The launches (kernel, constexprs, argument dtypes and shapes) of a DiT-shaped forward and backward, residual
+    stream in ``x_dtype`` and gate/branch in ``mod_dtype``, for each hidden size in ``dims`` (``compile_check``)."""
+    cases = []
+    for dim in dims:
+        a = compile_inputs(x_dtype, mod_dtype, dim)
+        with capture_launches() as launches:
+            gated_residual_fwd(a["x"], a["gate"], a["y"])
+            gated_residual_bwd(a["grad_r"], a["gate"], a["y"])
+        cases += [(f"gated_residual {label} D={dim}", launch) for label, launch in zip(("fwd", "bwd"), launches,
+                                                                                         strict=True)]
+    return cases

@@ -1,28 +1,28 @@
 """Patchify: images (B, C, H, W) -> patch tokens (B, (H/p)(W/p), C*p*p), each patch vector in (C, p, p) order.
 
 Equal to ``F.unfold(x, p, stride=p).transpose(1, 2)``, so a linear layer with the patch conv's weight reshaped to
-(D, C*p*p) reproduces the official patch embedding. Four layers (DESIGN.md section 1): the Triton kernels, the
-launchers ``patchify_fwd/_bwd``, the custom ops ``dit_fast::patchify`` (+ autograd) and ``dit_fast::patchify_bwd``,
-and the public ``patchify`` beside its plain-PyTorch oracle ``patchify_ref``.
+(D, C*p*p) reproduces the official patch embedding. Four layers: the Triton kernel ``_patch_kernel``; the launchers
+``patchify_fwd/_bwd`` (no autograd); the custom ops ``dit_fast::patchify`` (+ autograd) and ``dit_fast::patchify_bwd``,
+which ``torch.compile(fullgraph=True)`` traces through; and the public ``patchify`` beside its plain-PyTorch oracle
+``patchify_ref``.
 
-The two kernels are the two directions of one index map between an image and its patch tokens, for either order of
-the token vector: (C, p, p) here, (p, p, C) for ``unpatchify`` (whose forward is this backward and vice versa).
+``_patch_kernel`` is the one index map between an image and its patch tokens, in either direction (``TO_TOKENS``) and
+for either order of the token vector (``CHANNELS_LAST``): (C, p, p) here, (p, p, C) for ``unpatchify``, whose forward
+is this backward and vice versa.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ._common import (
-    CompileCase,
+    Launch,
+    capture_launches,
     check_tensor,
     next_power_of_2,
     register_op,
     tl,
-    triton_dtype,
     triton_kernel,
     use_triton,
 )
@@ -42,14 +42,15 @@ LATENT_CHANNELS = 4
 
 
 @triton_kernel
-def _patchify_fwd_kernel(
+def _patch_kernel(
     img_ptr, tok_ptr,
     C, GW, T, K, n_tblocks,
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_tb, stride_tt, stride_tk,
-    P: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, CHANNELS_LAST: tl.constexpr, TO_TOKENS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Gather: tokens <- image (patchify forward, unpatchify backward)."""
+    """TO_TOKENS: gather tokens <- image (patchify forward, unpatchify backward); else scatter image <- tokens."""
     pid = tl.program_id(0)  # b * n_tblocks + token block
     b = pid // n_tblocks
     t = (pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -65,38 +66,12 @@ def _patchify_fwd_kernel(
     h = gh[:, None] * P + (q // P)[None, :]
     w = gw[:, None] * P + (q % P)[None, :]
     mask = (t < T)[:, None] & (k < K)[None, :]
-    img_offs = b.to(tl.int64) * stride_ib + c[None, :] * stride_ic + h * stride_ih + w * stride_iw
-    tok_offs = b.to(tl.int64) * stride_tb + t[:, None] * stride_tt + k[None, :] * stride_tk
-    tl.store(tok_ptr + tok_offs, tl.load(img_ptr + img_offs, mask=mask), mask=mask)
-
-
-@triton_kernel
-def _patchify_bwd_kernel(
-    img_ptr, tok_ptr,
-    C, GW, T, K, n_tblocks,
-    stride_ib, stride_ic, stride_ih, stride_iw,
-    stride_tb, stride_tt, stride_tk,
-    P: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Scatter: image <- tokens (patchify backward, unpatchify forward)."""
-    pid = tl.program_id(0)  # b * n_tblocks + token block
-    b = pid // n_tblocks
-    t = (pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    k = tl.arange(0, BLOCK_K)
-    gh = t // GW
-    gw = t % GW
-    if CHANNELS_LAST:
-        c = k % C
-        q = k // C
+    img = img_ptr + b.to(tl.int64) * stride_ib + c[None, :] * stride_ic + h * stride_ih + w * stride_iw
+    tok = tok_ptr + b.to(tl.int64) * stride_tb + t[:, None] * stride_tt + k[None, :] * stride_tk
+    if TO_TOKENS:
+        tl.store(tok, tl.load(img, mask=mask), mask=mask)
     else:
-        c = k // (P * P)
-        q = k % (P * P)
-    h = gh[:, None] * P + (q // P)[None, :]
-    w = gw[:, None] * P + (q % P)[None, :]
-    mask = (t < T)[:, None] & (k < K)[None, :]
-    img_offs = b.to(tl.int64) * stride_ib + c[None, :] * stride_ic + h * stride_ih + w * stride_iw
-    tok_offs = b.to(tl.int64) * stride_tb + t[:, None] * stride_tt + k[None, :] * stride_tk
-    tl.store(img_ptr + img_offs, tl.load(tok_ptr + tok_offs, mask=mask), mask=mask)
+        tl.store(img, tl.load(tok, mask=mask), mask=mask)
 
 
 def tile_config(tokens: int, vec: int) -> tuple[int, int, int]:
@@ -117,13 +92,12 @@ def launch_patch_copy(img: torch.Tensor, tok: torch.Tensor, p: int, channels_las
         return
     block_t, block_k, num_warps = tile_config(T, K)
     n_tblocks = -(-T // block_t)
-    kernel = _patchify_fwd_kernel if to_tokens else _patchify_bwd_kernel
-    kernel[(B * n_tblocks,)](
+    _patch_kernel[(B * n_tblocks,)](
         img, tok,
         C, W // p, T, K, n_tblocks,
         *img.stride(),
         *tok.stride(),
-        P=p, CHANNELS_LAST=channels_last, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=num_warps,
+        P=p, CHANNELS_LAST=channels_last, TO_TOKENS=to_tokens, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=num_warps,
     )
 
 
@@ -196,18 +170,15 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return _fwd_op(x, p)
 
 
-def compile_cases(dtype: torch.dtype, dims: Sequence[int]) -> list[CompileCase]:
-    """The specialisations DiT launches (for ``compile_check``): 4-channel latents of 32 x 32 in patches of 2, 4, 8.
-
-    ``dims`` (hidden sizes) do not matter here: the tiles depend on the channels and the patch size only.
-    """
-    del dims
-    t = triton_dtype(dtype)
+def compile_cases(dtype: torch.dtype) -> list[tuple[str, Launch]]:
+    """The launches DiT issues (for ``compile_check``): 4-channel latents of 32 x 32 (256 px) in ``dtype``, batch
+    32, patches of 2, 4 and 8, forward (gather) and backward (scatter)."""
     cases = []
     for p in PATCH_SIZES:
-        block_t, block_k, num_warps = tile_config((LATENT_SIZE // p) ** 2, LATENT_CHANNELS * p * p)
-        constexprs = {"P": p, "CHANNELS_LAST": False, "BLOCK_T": block_t, "BLOCK_K": block_k}
-        for kernel in (_patchify_fwd_kernel, _patchify_bwd_kernel):
-            label = f"C={LATENT_CHANNELS} p={p}"
-            cases.append(CompileCase(kernel, {"img_ptr": t, "tok_ptr": t}, constexprs, num_warps, label))
+        x = torch.empty((32, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), dtype=dtype)
+        with capture_launches() as launches:
+            tokens = patchify_fwd(x, p)
+            patchify_bwd(tokens, p, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
+        cases += [(f"patchify {label} C={LATENT_CHANNELS} p={p}", launch)
+                  for label, launch in zip(("fwd", "bwd"), launches, strict=True)]
     return cases

@@ -1,29 +1,21 @@
 """Unpatchify: patch tokens (B, h*w, p*p*c), each vector in (p, p, c) order -> images (B, c, h*p, w*p).
 
 Equal to the official ``DiT.unpatchify`` (reshape to (N, h, w, p, p, c), einsum 'nhwpqc->nchpwq') for square grids;
-``grid=(h, w)`` handles others. Four layers (DESIGN.md section 1): the kernels (``patchify``'s index-map kernels with
-the (p, p, c) vector order: this forward is their scatter, this backward their gather), the launchers
-``unpatchify_fwd/_bwd``, the custom ops ``dit_fast::unpatchify`` (+ autograd) and ``dit_fast::unpatchify_bwd``, and
-the public ``unpatchify`` beside its plain-PyTorch oracle ``unpatchify_ref``.
+``grid=(h, w)`` handles others. Four layers: the kernel (``patchify``'s index-map ``_patch_kernel`` with the (p, p, c)
+vector order: this forward is its scatter, this backward its gather); the launchers ``unpatchify_fwd/_bwd`` (no
+autograd); the custom ops ``dit_fast::unpatchify`` (+ autograd) and ``dit_fast::unpatchify_bwd``, which
+``torch.compile(fullgraph=True)`` traces through; and the public ``unpatchify`` beside its plain-PyTorch oracle
+``unpatchify_ref``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
-from ._common import CompileCase, check_tensor, register_op, triton_dtype, use_triton
-from .patchify import (
-    LATENT_CHANNELS,
-    LATENT_SIZE,
-    PATCH_SIZES,
-    _patchify_bwd_kernel,
-    _patchify_fwd_kernel,
-    launch_patch_copy,
-    tile_config,
-)
+from ._common import Launch, capture_launches, check_tensor, register_op, use_triton
+from .patchify import LATENT_CHANNELS, LATENT_SIZE, PATCH_SIZES, launch_patch_copy
 
 
 def _resolve_grid(y: torch.Tensor, p: int, c: int, grid: tuple[int, int] | None) -> tuple[int, int]:
@@ -112,18 +104,17 @@ def unpatchify(y: torch.Tensor, p: int, c: int, grid: tuple[int, int] | None = N
     return _fwd_op(y, p, c, h, w)
 
 
-def compile_cases(dtype: torch.dtype, dims: Sequence[int]) -> list[CompileCase]:
-    """The specialisations DiT launches (for ``compile_check``): outputs of 4 or 8 (learned sigma) channels from 32 x 32
-    latents in patches of 2, 4, 8, both kernels in the (p, p, c) order. ``dims`` do not matter here.
-    """
-    del dims
-    t = triton_dtype(dtype)
+def compile_cases(dtype: torch.dtype) -> list[tuple[str, Launch]]:
+    """The launches DiT issues (for ``compile_check``): outputs of 4 or 8 (learned sigma) channels for 32 x 32 latents
+    (256 px) in ``dtype``, batch 32, patches of 2, 4 and 8, forward (scatter) and backward (gather)."""
     cases = []
     for p in PATCH_SIZES:
         for channels in (LATENT_CHANNELS, 2 * LATENT_CHANNELS):
-            block_t, block_k, num_warps = tile_config((LATENT_SIZE // p) ** 2, channels * p * p)
-            constexprs = {"P": p, "CHANNELS_LAST": True, "BLOCK_T": block_t, "BLOCK_K": block_k}
-            for kernel in (_patchify_bwd_kernel, _patchify_fwd_kernel):
-                cases.append(CompileCase(kernel, {"img_ptr": t, "tok_ptr": t}, constexprs, num_warps,
-                                         f"c={channels} p={p}"))
+            side = LATENT_SIZE // p
+            y = torch.empty((32, side * side, p * p * channels), dtype=dtype)
+            with capture_launches() as launches:
+                img = unpatchify_fwd(y, p, channels, side, side)
+                unpatchify_bwd(img, p)
+            cases += [(f"unpatchify {label} c={channels} p={p}", launch)
+                      for label, launch in zip(("fwd", "bwd"), launches, strict=True)]
     return cases

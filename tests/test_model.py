@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dit_fast
 from dit_fast import attention as A
@@ -209,6 +210,44 @@ def test_bf16_autocast_within_twice_pytorch_autocast_error():
     assert err <= 2 * plain_err, f"DiTFast autocast error {err:.3g} vs reference autocast {plain_err:.3g}"
     out.float().backward(grad_out)
     assert all(torch.isfinite(p.grad).all() for p in fast.parameters())
+
+
+class _Casts(TorchDispatchMode):
+    """Records the shape of every tensor a dispatched dtype conversion reads (parameters aside)."""
+
+    def __init__(self, params: set[int]):
+        super().__init__()
+        self.params = params
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() not in self.params:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_autocast_runs_no_cast_kernels_around_the_fused_ops(monkeypatch, grad):
+    """Under bf16 autocast the fused ops take the fp32 stream with the bf16 modulation and branches as they come: no
+    (N, T, D) activation is cast, and silu(c) is cast once (not once per block); the Triton kernels in the
+    interpreter. Inference also takes the batched adaLN weight cached in bf16 (no per-forward cast of it)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ref, fast = pair(kernels="triton", depth=2, hidden_size=32, input_size=4)
+    x, t, y = inputs(ref, n=2)
+    params = {p.data_ptr() for p in fast.parameters()} | {b.data_ptr() for b in fast.buffers()}
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        fast(x, t, y)  # warm-up: the adaLN cache, autocast's weight-cast cache
+        with _Casts(params) as casts:
+            out = fast(x, t, y)
+    assert not [s for s in casts.shapes if len(s) == 3 and s[-1] == 32], casts.shapes  # no (N, T, D) activation
+    assert casts.shapes.count((2, 32)) == 1, casts.shapes  # silu(c), once
+    assert (2, 6 * 32, 32) not in casts.shapes  # nor the stacked (depth, 6D, D) adaLN weight
+    with torch.no_grad():
+        oracle = copy.deepcopy(ref).double()(x.double(), t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = ref(x, t, y)
+    assert max_rel_err(out, oracle) <= 2 * max_rel_err(plain, oracle)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

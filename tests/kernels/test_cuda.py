@@ -1,5 +1,6 @@
-"""The compiled Triton kernels on a CUDA device (skipped without one): DiT-XL/2 shapes and odd ones, every dtype,
-outputs and gradients against the reference and fp64, and ``torch.compile`` (inductor) tracing through the ops.
+"""The compiled Triton kernels on a CUDA device (skipped without one): DiT-XL/2 shapes and odd ones, every dtype and the
+autocast mixes (fp32 stream, bf16/fp16 modulation), outputs and gradients against the reference and fp64, and
+``torch.compile`` (inductor) tracing through the ops.
 
 These are the GPU counterpart of the interpreter tests; ``benchmarks/gpu_check.sh`` selects them by the "cuda" name.
 """
@@ -24,6 +25,9 @@ from dit_fast.kernels import (
 
 from ._util import DTYPES, check_against_references, run_with_grads
 
+# (stream dtype, modulation dtype): one dtype throughout, and autocast's fp32 stream with bf16/fp16 modulation.
+MIXES = [(d, d) for d in DTYPES] + [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (B, T, D): DiT-XL/2 at 256 px, batch 1 with a non-power-of-two token count, an odd width.
@@ -35,34 +39,38 @@ def compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-def _leaves(B: int, T: int, D: int, dtype: torch.dtype, n_stream: int) -> list[torch.Tensor]:
-    stream = [(torch.randn(B, T, D, device="cuda") + 0.5).to(dtype) for _ in range(n_stream)]
-    return [*stream, (torch.randn(B, 6 * D, device="cuda") * 0.5).to(dtype)]
+def _leaves(B: int, T: int, D: int, dtype: torch.dtype, n_stream: int,
+            mod_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """x (and y when n_stream == 2), then the (B, 6D) adaLN output; x in ``dtype``, the rest in ``mod_dtype``."""
+    mod_dtype = mod_dtype or dtype
+    stream = [(torch.randn(B, T, D, device="cuda") + 0.5).to(dtype if i == 0 else mod_dtype) for i in range(n_stream)]
+    return [*stream, (torch.randn(B, 6 * D, device="cuda") * 0.5).to(mod_dtype)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("dtype", "mod_dtype"), MIXES, ids=str)
 @pytest.mark.parametrize(("B", "T", "D"), SHAPES)
-def test_cuda_modulated_layer_norm(B, T, D, dtype):
-    check_against_references(modulated_layer_norm, modulated_layer_norm_ref, _leaves(B, T, D, dtype, 1),
-                             lambda x, m: (x, *m.chunk(6, dim=1)[:2]), f"cuda modulated_layer_norm {dtype}")
+def test_cuda_modulated_layer_norm(B, T, D, dtype, mod_dtype):
+    check_against_references(modulated_layer_norm, modulated_layer_norm_ref, _leaves(B, T, D, dtype, 1, mod_dtype),
+                             lambda x, m: (x, *m.chunk(6, dim=1)[:2]), f"cuda modulated_layer_norm {dtype}/{mod_dtype}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("dtype", "mod_dtype"), MIXES, ids=str)
 @pytest.mark.parametrize(("B", "T", "D"), SHAPES)
-def test_cuda_gated_residual(B, T, D, dtype):
-    check_against_references(gated_residual, gated_residual_ref, _leaves(B, T, D, dtype, 2),
-                             lambda x, y, m: (x, m.chunk(6, dim=1)[2], y), f"cuda gated_residual {dtype}")
+def test_cuda_gated_residual(B, T, D, dtype, mod_dtype):
+    check_against_references(gated_residual, gated_residual_ref, _leaves(B, T, D, dtype, 2, mod_dtype),
+                             lambda x, y, m: (x, m.chunk(6, dim=1)[2], y), f"cuda gated_residual {dtype}/{mod_dtype}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("dtype", "mod_dtype"), MIXES, ids=str)
 @pytest.mark.parametrize(("B", "T", "D"), SHAPES)
-def test_cuda_fused_block_boundary(B, T, D, dtype):
+def test_cuda_fused_block_boundary(B, T, D, dtype, mod_dtype):
     def build(x, y, m):
         _, _, gate, shift, scale, _ = m.chunk(6, dim=1)
         return x, gate, y, shift, scale
 
     check_against_references(gated_residual_modulated_layer_norm, gated_residual_modulated_layer_norm_ref,
-                             _leaves(B, T, D, dtype, 2), build, f"cuda fused block boundary {dtype}")
+                             _leaves(B, T, D, dtype, 2, mod_dtype), build,
+                             f"cuda fused block boundary {dtype}/{mod_dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -9,29 +9,39 @@ import torch
 
 from dit_fast.kernels import _common, gated_residual, gated_residual_ref
 
-from ._util import DTYPES, check_against_references, grads_of
+from ._util import DTYPE_MIXES, check_against_references, grads_of
 
 op_module = importlib.import_module("dit_fast.kernels.gated_residual")
 
 # (B, T, D, backward programs aimed at), as in test_modulated_layer_norm.
-SHAPES = [(1, 7, 37, 512), (3, 36, 100, 4), (2, 9, 384, 512), (1, 3, 1152, 2)]
+SHAPES = [(1, 7, 37, 512), (3, 36, 100, 4), (2, 9, 384, 512), (2, 5, 64, 512), (1, 3, 1152, 2)]
 
 
-def make_leaves(B: int, T: int, D: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """x, y (B, T, D) and the (B, 6D) adaLN output whose third chunk is the gate."""
-    return [torch.randn(B, T, D).to(dtype), torch.randn(B, T, D).to(dtype), torch.randn(B, 6 * D).to(dtype)]
+def make_leaves(B: int, T: int, D: int, dtype: torch.dtype, mod_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """x (B, T, D) in ``dtype``; y (B, T, D) and the (B, 6D) adaLN output whose third chunk is the gate in
+    ``mod_dtype`` (default: ``dtype``)."""
+    mod_dtype = mod_dtype or dtype
+    return [torch.randn(B, T, D).to(dtype), torch.randn(B, T, D).to(mod_dtype), torch.randn(B, 6 * D).to(mod_dtype)]
 
 
 def from_chunks(x: torch.Tensor, y: torch.Tensor, mods: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return x, mods.chunk(6, dim=1)[2], y  # gate: (B, D) view with stride (6D, 1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("dtype", "mod_dtype"), DTYPE_MIXES, ids=str)
 @pytest.mark.parametrize(("B", "T", "D", "programs"), SHAPES)
-def test_matches_reference_and_fp64(B, T, D, programs, dtype, monkeypatch):
+def test_matches_reference_and_fp64(B, T, D, programs, dtype, mod_dtype, monkeypatch):
+    """Every (x, gate/y) dtype mix: the result in x's dtype, grads in their inputs' dtypes."""
     monkeypatch.setattr(_common, "BWD_TARGET_PROGRAMS", programs)
-    check_against_references(gated_residual, gated_residual_ref, make_leaves(B, T, D, dtype), from_chunks,
-                             f"gated_residual {dtype} {(B, T, D)}")
+    check_against_references(gated_residual, gated_residual_ref, make_leaves(B, T, D, dtype, mod_dtype), from_chunks,
+                             f"gated_residual {dtype}/{mod_dtype} {(B, T, D)}")
+
+
+def test_mixed_precision_dtype_contract():
+    """An fp32 stream with a bf16 gate and branch (autocast): the result stays fp32, for the op and its reference."""
+    x, gate, y = from_chunks(*make_leaves(2, 5, 24, torch.float32, torch.bfloat16))
+    assert gated_residual(x, gate, y).dtype == torch.float32
+    assert gated_residual_ref(x, gate, y).dtype == torch.float32
 
 
 def test_strided_inputs():
@@ -65,7 +75,7 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 4, 8), ValueError, "y shape"),
     (torch.randn(2, 3, 8), torch.randn(3, 8), torch.randn(2, 3, 8), ValueError, r"gate must have shape \(B, D\)"),
     (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8).double(), TypeError, "y must be float32"),
-    (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8).half(), TypeError, "y has dtype"),
+    (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8, device="meta"), ValueError, "y is on meta"),
     (torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8), ValueError, "x must have 3 dims"),
 ])
 def test_bad_inputs_raise(x, gate, y, error, match):

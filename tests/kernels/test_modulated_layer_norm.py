@@ -9,20 +9,22 @@ import torch
 
 from dit_fast.kernels import _common, modulated_layer_norm, modulated_layer_norm_ref
 
-from ._util import DTYPES, check_against_references, grads_of
+from ._util import DTYPE_MIXES, check_against_references, grads_of
 
 op_module = importlib.import_module("dit_fast.kernels.modulated_layer_norm")
 
-# (B, T, D, backward programs aimed at): batch 1, T not a power of two, D = 1152 and D not a multiple of 8; a small
-# program target makes the backward walk several rows per program, with a partial last block.
-SHAPES = [(1, 7, 37, 512), (3, 36, 100, 4), (2, 9, 384, 512), (1, 3, 1152, 2)]
+# (B, T, D, backward programs aimed at): batch 1, T not a power of two, D = 1152 (a 1024 + 128 head and tail), D not a
+# multiple of 8, D a power of two (no tail tile); a small program target makes the backward walk several rows per
+# program, with a partial last block.
+SHAPES = [(1, 7, 37, 512), (3, 36, 100, 4), (2, 9, 384, 512), (2, 5, 64, 512), (1, 3, 1152, 2)]
 
 
-def make_leaves(B: int, T: int, D: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """x (B, T, D) with a non-zero mean, and the (B, 6D) adaLN output whose chunks are shift/scale."""
+def make_leaves(B: int, T: int, D: int, dtype: torch.dtype, mod_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """x (B, T, D) with a non-zero mean in ``dtype``, and the (B, 6D) adaLN output whose chunks are shift/scale in
+    ``mod_dtype`` (default: ``dtype``)."""
     x = torch.randn(B, T, D) * 2 + 0.5
     mods = torch.randn(B, 6 * D) * 0.5
-    return [x.to(dtype), mods.to(dtype)]
+    return [x.to(dtype), mods.to(mod_dtype or dtype)]
 
 
 def from_chunks(x: torch.Tensor, mods: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,12 +32,20 @@ def from_chunks(x: torch.Tensor, mods: torch.Tensor) -> tuple[torch.Tensor, torc
     return x, shift, scale
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("dtype", "mod_dtype"), DTYPE_MIXES, ids=str)
 @pytest.mark.parametrize(("B", "T", "D", "programs"), SHAPES)
-def test_matches_reference_and_fp64(B, T, D, programs, dtype, monkeypatch):
+def test_matches_reference_and_fp64(B, T, D, programs, dtype, mod_dtype, monkeypatch):
+    """Every (x, shift/scale) dtype mix: the output in shift/scale's dtype, grads in their inputs' dtypes."""
     monkeypatch.setattr(_common, "BWD_TARGET_PROGRAMS", programs)
-    check_against_references(modulated_layer_norm, modulated_layer_norm_ref, make_leaves(B, T, D, dtype),
-                             from_chunks, f"modulated_layer_norm {dtype} {(B, T, D)}")
+    check_against_references(modulated_layer_norm, modulated_layer_norm_ref, make_leaves(B, T, D, dtype, mod_dtype),
+                             from_chunks, f"modulated_layer_norm {dtype}/{mod_dtype} {(B, T, D)}")
+
+
+def test_mixed_precision_dtype_contract():
+    """An fp32 x with bf16 shift/scale (autocast): the output is bf16 for the op and its reference alike."""
+    x, shift, scale = from_chunks(*make_leaves(2, 5, 24, torch.float32, torch.bfloat16))
+    assert modulated_layer_norm(x, shift, scale).dtype == torch.bfloat16
+    assert modulated_layer_norm_ref(x, shift, scale).dtype == torch.bfloat16
 
 
 def test_strided_x_and_contiguous_modulation():
@@ -80,7 +90,8 @@ def test_eps_is_used():
     (torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8), ValueError, "x must have 3 dims"),
     (torch.randn(2, 3, 8), torch.randn(2, 7), torch.randn(2, 8), ValueError, r"shift must have shape \(B, D\)"),
     (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8), ValueError, "scale must have 2 dims"),
-    (torch.randn(2, 3, 8), torch.randn(2, 8).half(), torch.randn(2, 8), TypeError, "shift has dtype"),
+    (torch.randn(2, 3, 8), torch.randn(2, 8).half(), torch.randn(2, 8), TypeError,
+     "shift has dtype torch.float16 but scale has torch.float32; they must match"),
     (torch.randn(2, 3, 8).int(), torch.randn(2, 8), torch.randn(2, 8), TypeError, "x must be float32"),
     (torch.randn(2, 3, 8), torch.randn(2, 8, device="meta"), torch.randn(2, 8), ValueError, "shift is on meta"),
     (torch.randn(2, 3, 8), [0.0] * 8, torch.randn(2, 8), TypeError, "shift must be a torch.Tensor"),
