@@ -190,7 +190,7 @@ def accelerate(pipe: Any, *, attention: str = "auto", kernels: str = "auto", com
     - ``compile``: ``True`` or a dict of ``DiTFast.compile`` keyword arguments (regional by default);
     - ``cuda_graph``: capture the forward as CUDA graphs (the transformer must be on a CUDA device).
     """
-    is_pipeline = hasattr(pipe, "transformer") and isinstance(getattr(pipe, "transformer"), nn.Module)
+    is_pipeline = hasattr(pipe, "transformer") and isinstance(pipe.transformer, nn.Module)
     transformer = pipe.transformer if is_pipeline else pipe
     if not isinstance(transformer, nn.Module):
         raise TypeError(f"accelerate() takes a diffusers DiTPipeline or DiTTransformer2DModel, got "
