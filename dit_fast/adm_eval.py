@@ -107,7 +107,7 @@ class NpzArrayReader:
                 raise ValueError(f"truncated array: expected {n * self._row_bytes} more bytes at row {self._read}, "
                                  f"got {len(data)}")
             self._read += n
-            yield np.frombuffer(data, dtype=self.dtype).reshape(n, *self.shape[1:])
+            yield np.frombuffer(bytearray(data), dtype=self.dtype).reshape(n, *self.shape[1:])  # writable
 
 
 @contextlib.contextmanager
