@@ -60,8 +60,9 @@ from typing import IO, Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from dit_fast.metrics import feature_statistics, frechet_distance
+from dit_fast.frechet import feature_statistics, frechet_distance
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -349,8 +350,9 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights: str | Path | None = None):
         super().__init__()
+        network = _inception_class()  # first: an ImportError with the install hint
         state_dict = None if weights == "random" else read_inception_weights(weights)
-        self.net = _inception_class()(state_dict)
+        self.net = network(state_dict)
         self._spatial: torch.Tensor | None = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)  # TF's mixed_6/conv
 
@@ -385,8 +387,6 @@ class Activations:
 def compute_activations(path: str | Path, features: Features, batch_size: int = BATCH_SIZE,
                         progress: bool = False) -> Activations:
     """Stream ``arr_0`` of the ``.npz`` at ``path`` through ``features`` in batches."""
-    from tqdm import tqdm
-
     pools, spatials, logits = [], [], []
     with open_npz_array(path, "arr_0") as reader:
         check_images(reader, path)

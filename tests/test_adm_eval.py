@@ -305,3 +305,15 @@ def test_evaluate_with_random_inception(tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=images)
     result = evaluate(tmp_path / "samples.npz", ref, net, batch_size=4)
     assert result["fid"] == pytest.approx(0, abs=1e-3) and result["precision"] == 1.0 and result["recall"] == 1.0
+
+
+def test_cli_evaluate_ref_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    from dit_fast.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _adm_reference(tmp_path / "ref.npz", stats=False)
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8), labels=np.arange(4))
+    with pytest.raises(SystemExit, match="torch-fidelity"):
+        main(["evaluate", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--ref needs a samples"):
+        main(["evaluate", "--frechet", "a.npz", "b.npz", "--ref", str(tmp_path / "ref.npz")])
