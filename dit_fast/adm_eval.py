@@ -15,8 +15,7 @@ computes the same definitions in PyTorch:
 - precision / recall (Kynkäänniemi et al., k = 3): each set's manifold is the union of balls around its ``pool_3``
   features with radius the squared distance to the 3rd nearest neighbour (itself excluded); precision is the share
   of samples inside the reference manifold, recall the share of reference images inside the samples'. Squared
-  distances are rounded to float16 (from float16-rounded features) as ADM's distance block computes them, in
-  float32 where float16 would overflow.
+  distances are computed in float16 as ADM's distance block does (float32 where float16 would overflow).
 
 The network is torch-fidelity's InceptionV3 (``pip install 'dit-fast[eval]'``), a PyTorch port of exactly that TF
 graph: the TF1 bilinear resize (``interpolate_bilinear_2d_like_tensorflow1x``), the graph's pooling quirks and the
@@ -75,7 +74,6 @@ IS_SPLIT = 5000
 PR_NEIGHBOURS = 3
 BATCH_SIZE = 64
 DISTANCE_BLOCK = 4096  # rows/columns per pairwise-distance block (64 MB in fp32)
-FLOAT16_MAX = 65504.0
 
 INSTALL_HINT = ("the ADM metrics need torch-fidelity's InceptionV3: pip install 'dit-fast[eval]' (or, to keep the "
                 "installed torch untouched, pip install --no-deps torch-fidelity)")
@@ -205,13 +203,21 @@ def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT) -> float:
     return float(np.mean(scores))
 
 
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to float16 and back (what one float16 op's result holds; overflow gives inf)."""
+    return x.half().float()
+
+
 def pairwise_sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (U, D) x (V, D) -> (U, V) as ADM's distance block: ``max(|u|^2 - 2 u.v + |v|^2,
-    0)`` from float16-rounded features, rounded to float16; recomputed in float32 where float16 overflows."""
-    u16, v16 = u.half().float(), v.half().float()
-    d = ((u16 * u16).sum(1)[:, None] - 2 * u16 @ v16.T + (v16 * v16).sum(1)[None]).clamp_min(0)
-    if bool((d <= FLOAT16_MAX).all()):
-        return d.half().float()
+    """Squared Euclidean distances (U, D) x (V, D) -> (U, V), as ADM's distance block computes them: in float16,
+    ``max(|u|^2 - 2 u.v + |v|^2, 0)`` with every op's result rounded to float16 (the norms and the matmul
+    accumulated in float32, as GPU float16 kernels do); recomputed in float32 where float16 overflows."""
+    u16, v16 = _fp16(u), _fp16(v)
+    norm_u = _fp16(_fp16(u16 * u16).sum(1))[:, None]  # (U, 1)
+    norm_v = _fp16(_fp16(v16 * v16).sum(1))[None]  # (1, V)
+    d = _fp16(_fp16(norm_u - _fp16(2 * _fp16(u16 @ v16.T))) + norm_v).clamp_min(0)
+    if bool(torch.isfinite(d).all()):
+        return d
     u, v = u.float(), v.float()
     return ((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None]).clamp_min(0)
 
