@@ -122,7 +122,9 @@ def pipeline(impl: str, config_name: str, device: torch.device, dtype: torch.dty
     with torch.device(device):
         transformer = diffusers.DiTTransformer2DModel.from_config(hf_config)
     transformer.load_state_dict(checkpoints.to_diffusers_state_dict(reference.state_dict(), config), strict=True)
-    transformer = transformer.to(dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:  # (diffusers warns on every dtype cast)
+        transformer = transformer.to(dtype)
+    transformer = transformer.eval().requires_grad_(False)
     pipe = diffusers.DiTPipeline(transformer=transformer, vae=_tiny_vae(device), scheduler=diffusers.DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     if impl == "reference":  # the plain reference DiT in diffusers' numerics, fp32, behind the same adapter

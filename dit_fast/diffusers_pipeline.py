@@ -28,6 +28,10 @@ Options: ``attention=`` (a ``dit_fast.attention`` backend name, "auto" by defaul
 (``True`` or a dict of ``DiTFast.compile`` arguments: regional ``torch.compile`` of the repeated block) and
 ``cuda_graph=True`` (CUDA only: each new input shape is captured once as a CUDA graph, then replayed; the
 capture is dropped by any device or dtype move).
+
+Saving: diffusers' ``pipe.save_pretrained`` skips a component of a foreign class (with a warning), so save the
+pipeline before accelerating it; ``dit_fast.checkpoints.save_diffusers(pipe.transformer.model, folder)`` writes the
+accelerated model's weights back in diffusers' layout.
 """
 
 from __future__ import annotations
