@@ -69,7 +69,7 @@ INCEPTION_SHA256_PREFIX = "6726825d"
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
-NUM_LOGITS = 1008
+NUM_LOGITS = 1008  # the softmax layer of the 2015-12-05 graph
 IS_SPLIT = 5000
 PR_NEIGHBOURS = 3
 BATCH_SIZE = 64
@@ -319,7 +319,7 @@ def _inception_class() -> type:
     base = _torch_fidelity_inception()
 
     class TFInceptionV3(base):
-        """torch-fidelity's InceptionV3 with weights from a state dict we read (or PyTorch's random init)."""
+        """torch-fidelity's InceptionV3 with weights from a state dict we read (None: random He-normal weights)."""
 
         def __init__(self, state_dict: dict[str, torch.Tensor] | None):
             self._random_init = state_dict is None

@@ -12,6 +12,7 @@ from torch import nn
 
 from dit_fast import adm_eval
 from dit_fast.adm_eval import (
+    NUM_LOGITS,
     POOL_DIM,
     SPATIAL_DIM,
     Statistics,
@@ -222,7 +223,7 @@ class PixelFeatures(nn.Module):
         g = torch.Generator().manual_seed(6)
         self.register_buffer("w_pool", torch.randn(48, POOL_DIM, generator=g))
         self.register_buffer("w_spatial", torch.randn(48, SPATIAL_DIM, generator=g))
-        self.register_buffer("w_logits", torch.randn(POOL_DIM, 1008, generator=g) / POOL_DIM**0.5)
+        self.register_buffer("w_logits", torch.randn(POOL_DIM, NUM_LOGITS, generator=g) / POOL_DIM**0.5)
 
     def forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(images).float().permute(0, 3, 1, 2) / 255  # (N, 3, H, W)
@@ -282,7 +283,7 @@ def test_inception_feature_path_random_weights():
     hook = net.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.update(spatial=o.clone()))
     pool, spatial, logits = net(images)
     hook.remove()
-    assert pool.shape == (3, POOL_DIM) and spatial.shape == (3, SPATIAL_DIM) and logits.shape == (3, 1008)
+    assert pool.shape == (3, POOL_DIM) and spatial.shape == (3, SPATIAL_DIM) and logits.shape == (3, NUM_LOGITS)
     assert captured["spatial"].shape == (3, 192, 17, 17)
     # mixed_6/conv[..., :7] in TF's NHWC order
     torch.testing.assert_close(spatial, captured["spatial"][:, :7].permute(0, 2, 3, 1).reshape(3, -1))
