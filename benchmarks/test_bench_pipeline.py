@@ -44,6 +44,7 @@ from benchmarks.common import (
     synchronize,
 )
 from dit_fast.config import get_config
+from dit_fast.reference import DiT
 
 PIPELINE_IMPLS = ("reference", "dit_fast", "dit_fast+compile", "diffusers")
 CFG_SCALE = 1.5
@@ -92,14 +93,16 @@ def pipeline_case(settings: BenchSettings) -> PipelineCase:
     return PipelineCase(size.config, size.batch, settings.ddim_steps, settings.seed)
 
 
-def _tiny_vae(device: torch.device) -> torch.nn.Module:
+def _tiny_vae(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A random one-block AutoencoderKL in the pipeline's dtype (the pipeline decodes latents of the transformer's
+    dtype)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
                         norm_num_groups=4, layers_per_block=1)
-    return vae.to(device).eval().requires_grad_(False)
+    return vae.to(device, dtype).eval().requires_grad_(False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -125,11 +128,10 @@ def pipeline(impl: str, config_name: str, device: torch.device, dtype: torch.dty
     if dtype != torch.float32:  # (diffusers warns on every dtype cast)
         transformer = transformer.to(dtype)
     transformer = transformer.eval().requires_grad_(False)
-    pipe = diffusers.DiTPipeline(transformer=transformer, vae=_tiny_vae(device), scheduler=diffusers.DDIMScheduler())
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=_tiny_vae(device, dtype),
+                                 scheduler=diffusers.DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     if impl == "reference":  # the plain reference DiT in diffusers' numerics, fp32, behind the same adapter
-        from dit_fast.reference import DiT
-
         with torch.device(device):
             plain = DiT.from_config(config.replace(numerics="diffusers"))
         plain.load_state_dict(reference.state_dict(), strict=True)
