@@ -21,9 +21,11 @@ The network is torch-fidelity's InceptionV3 (``pip install 'dit-fast[eval]'``), 
 graph: the TF1 bilinear resize (``interpolate_bilinear_2d_like_tensorflow1x``), the graph's pooling quirks and the
 1008-class softmax layer, with weights converted from ``classify_image_graph_def.pb``; its module names follow
 torchvision's (``Mixed_6d`` is TF's ``mixed_6``). It gives ``pool_3`` and the unbiased logits directly; the spatial
-features are read from ``Mixed_6d.branch1x1`` (TF's ``mixed_6/conv``). pytorch-fid and torchmetrics build on
-torchvision's Inception and have no TF1 resize (torchmetrics' FID itself calls torch-fidelity's network);
-clean-fid deliberately resizes differently. torch-fidelity's package ``__init__`` imports its CLIP/VGG/DINOv2
+features are read from ``Mixed_6d.branch1x1`` (TF's ``mixed_6/conv``). The alternatives: pytorch-fid builds on
+torchvision's Inception blocks (torchvision required), resizes with PyTorch's bilinear interpolation and returns only
+pooled block outputs (no logits); torchmetrics' FID wraps torch-fidelity's very network; clean-fid ships the graph
+as TorchScript (no access to ``mixed_6/conv``) and by default resizes differently on purpose. torch-fidelity's
+package ``__init__`` imports its CLIP/VGG/DINOv2
 extractors, which need torchvision, while its InceptionV3 needs torch alone: without torchvision, that one module is
 loaded with the package ``__init__`` skipped, so ``pip install --no-deps torch-fidelity`` is enough and never
 changes the installed torch.
