@@ -4,10 +4,12 @@
 - ``dit_fast.DiTFast``: the same model (constructor, methods, state dict) with fused kernels and fast attention;
   ``dit_fast.DiT_models["DiT-XL/2"](...)`` builds one.
 - ``dit_fast.gflops`` / ``dit_fast.param_count``: cost in the paper's convention; ``dit_fast.CONFIGS``: the zoo.
+- ``dit_fast.accelerate(pipe)``: serve a diffusers ``DiTPipeline``'s transformer with DiTFast, same images
+  (``dit_fast.diffusers_pipeline``; diffusers itself is imported only when a pipeline output is built).
 
 How the modules fit together (layers, one training step, one sampling step): ARCHITECTURE.md at the repository root.
-``DiTFast`` and ``DiT_models`` are imported from ``dit_fast.model`` on first use, so that ``import dit_fast`` (and
-the ``dit-fast`` commands that need no model) do not load the kernels.
+``DiTFast``, ``DiT_models`` and ``accelerate`` are imported from their modules on first use, so that
+``import dit_fast`` (and the ``dit-fast`` commands that need no model) do not load the kernels.
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ from dit_fast.config import CONFIGS, DiTConfig, get_config, gflops, param_count
 
 __version__ = "0.1.0"
 
-__all__ = ["CONFIGS", "DiTConfig", "DiTFast", "DiT_models", "get_config", "gflops", "param_count", "__version__"]
+__all__ = ["CONFIGS", "DiTConfig", "DiTFast", "DiT_models", "accelerate", "get_config", "gflops", "param_count",
+           "__version__"]
 
-_FROM_MODEL = ("DiTFast", "DiT_models")
+_LAZY = {"DiTFast": "dit_fast.model", "DiT_models": "dit_fast.model", "accelerate": "dit_fast.diffusers_pipeline"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_MODEL:
-        return getattr(importlib.import_module("dit_fast.model"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dit_fast' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_FROM_MODEL))
+    return sorted(set(globals()) | set(_LAZY))

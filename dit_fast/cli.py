@@ -19,7 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("dit_fast.env", "print installed attention/kernel backends and what auto picks on this machine"),
     "train": ("dit_fast.train", "train a DiT (no arguments: a small one on the built-in digits, in minutes on a CPU)"),
     "sample": ("dit_fast.sample", "sample a trained DiT into a PNG grid and an ADM-evaluator .npz"),
-    "evaluate": ("dit_fast.metrics", "score digit samples (class accuracy, Frechet distance) or compare statistics"),
+    "evaluate": ("dit_fast.metrics", "score samples: digits (class accuracy, Frechet distance), or FID/sFID/IS/"
+                                     "precision/recall against an ADM reference batch (--ref)"),
     "extract-latents": ("dit_fast.vae", "encode an image folder once into memory-mapped VAE latents for training"),
     "convert": ("dit_fast.checkpoints", "convert checkpoints between official .pt / train.py, dit-fast and diffusers"),
 }

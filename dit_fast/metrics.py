@@ -1,17 +1,17 @@
-"""Sample quality: the Fréchet distance between feature sets, and the digits scorer of the built-in default.
+"""Sample quality: the digits scorer of the built-in default, and the ``dit-fast evaluate`` command.
 
-- ``frechet_distance(mu1, sigma1, mu2, sigma2)``: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` in float64,
-  the matrix square root's trace from a symmetric eigen-decomposition (no scipy needed).
+- ``frechet_distance``, ``feature_statistics``, ``frechet_distance_features``: the Fréchet distance (from
+  ``dit_fast.frechet``, the math shared with the ADM metrics).
 - ``evaluate_digits_model(model, out_dir)``: samples a trained digits DiT (what ``dit-fast train`` runs after
   training on the built-in digits), scores it with ``evaluate_digits`` and writes a grid and ``metrics.json``.
 - ``evaluate_digits(samples, labels)``: a scikit-learn classifier (RBF SVM) trained once on real digits
   (deterministic, cached per process) scores class-conditional samples: the share classified as the class asked
   for; and the Fréchet distance between the samples and the real digits in PCA features (32 components).
 
-``dit-fast evaluate`` scores a samples ``.npz`` (from ``dit-fast sample --npz``) of digits, or computes the Fréchet
-distance between two feature/statistics files (``.npz`` with ``mu`` and ``sigma``, as the ADM reference batches,
-or with a 2-D ``features`` array). FID proper needs Inception features: run the ADM evaluator
-(openai/guided-diffusion ``evaluations/evaluator.py``) on the ``.npz`` that ``dit-fast sample`` writes.
+``dit-fast evaluate`` scores a samples ``.npz`` (from ``dit-fast sample --npz``) of digits; with ``--ref REF.npz``
+it computes the ADM evaluator's FID, sFID, Inception Score, precision and recall against a reference batch
+(``dit_fast.adm_eval``, InceptionV3 in PyTorch); ``--frechet A B`` gives the Fréchet distance between two
+feature/statistics files (``.npz`` with ``mu`` and ``sigma``, as the ADM reference batches, or a 2-D ``features``).
 """
 
 from __future__ import annotations
@@ -27,49 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_fast import adm_eval
+from dit_fast.frechet import feature_statistics, frechet_distance, frechet_distance_features
 from dit_fast.sample import generate, save_grid
 
 DIGITS_FEATURES = 32
 DIGITS_TEST_FRACTION = 0.2
-
-
-# ---------------------------------------------------------------------------------------------------- Fréchet
-
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """features (N, D) -> (mean (D,), covariance (D, D)), float64, covariance with N - 1 (as numpy/ADM)."""
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"features must be (N >= 2, D), got shape {f.shape}")
-    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
-
-
-def _sqrt_psd(a: np.ndarray) -> np.ndarray:
-    """Symmetric PSD square root via eigh (negative round-off eigenvalues clipped to 0)."""
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): means (D,), covariances (D, D).
-
-    ``tr((S1 S2)^(1/2))`` equals ``tr((A S2 A)^(1/2))`` with ``A = S1^(1/2)``; the latter is symmetric PSD, so both
-    roots come from eigen-decompositions in float64, stable even for singular covariances.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = mu1.shape[0]
-    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 {mu2.shape}, sigma2 {s2.shape}")
-    a = _sqrt_psd(s1)
-    w = np.linalg.eigvalsh(a @ s2 @ a)
-    tr_covmean = np.sqrt(np.clip(w, 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-
-
-def frechet_distance_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Fréchet distance between two feature sets (N1, D) and (N2, D)."""
-    return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
 
 
 # ---------------------------------------------------------------------------------------------------- digits
@@ -181,18 +144,25 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("samples", nargs="?", default=None,
-                        help="samples .npz from `dit-fast sample --npz` of a digits model (arr_0 + labels)")
+                        help="samples .npz from `dit-fast sample --npz` (arr_0 + labels): digits, or any "
+                             "images with --ref")
     parser.add_argument("--frechet", nargs=2, metavar=("A", "B"), default=None,
                         help="Fréchet distance between two .npz files with mu/sigma or features")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    adm_eval.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Score digit samples (class accuracy, Fréchet distance) or compare two feature statistics files."""
+    """Score digit samples (class accuracy, Fréchet distance), samples against an ADM reference batch (``--ref``),
+    or compare two feature statistics files."""
     if (args.samples is None) == (args.frechet is None):
         raise SystemExit("dit-fast evaluate: give a samples .npz, or --frechet A B")
+    if args.ref is not None and args.samples is None:
+        raise SystemExit("dit-fast evaluate: --ref needs a samples .npz to score against it")
     try:
-        if args.frechet is not None:
+        if args.ref is not None:
+            result = adm_eval.run(args)
+        elif args.frechet is not None:
             result: dict[str, float] = {"frechet": frechet_distance(*load_statistics(args.frechet[0]),
                                                                      *load_statistics(args.frechet[1]))}
         else:
@@ -207,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
             square = images.ndim == 4 and images.shape[1] == images.shape[2] >= 8
             if images.dtype != np.uint8 or not square:
                 raise ValueError(f"{args.samples!r}: arr_0 must be digit images (N, S, S, C) uint8, S >= 8, got "
-                                 f"{images.shape} {images.dtype} (other data sets: use the ADM evaluator)")
+                                 f"{images.shape} {images.dtype} (other data sets: --ref REF.npz, the ADM metrics)")
             result = evaluate_digits(images, labels)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"dit-fast evaluate: {e}") from None

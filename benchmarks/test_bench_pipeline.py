@@ -1,0 +1,222 @@
+"""diffusers pipeline level: one whole ``DiTPipeline`` call, as is and after ``dit_fast.accelerate(pipe)``.
+
+Group "diffusers pipeline" compares, on the same weights, noise and labels: the pipeline as diffusers ships it
+("diffusers": its ``DiTTransformer2DModel``), the same pipeline after ``dit_fast.accelerate`` ("dit_fast") and
+after ``dit_fast.accelerate(pipe, compile=True)`` ("dit_fast+compile"), and the plain reference DiT (diffusers'
+numerics) behind the same adapter ("reference", the fp32 oracle every case's images are checked against). The
+pipeline runs DDIM with guidance scale 1.5 (each step one transformer forward over the doubled batch, diffusers'
+all-eps-channel guidance) and decodes with a tiny random ``AutoencoderKL`` (one 8-channel block: a few ms, so the
+timings are the transformer's and the pipeline's own per-step work: scheduler, guidance, concatenations).
+
+Sizes: on a CPU DiT-S/2 (32x32x4 latents) at batch 4 with DDIM-3; on a GPU DiT-XL/2 at batch 4 with DDIM-50
+(``--dit-config``, ``--dit-batch``, ``--dit-ddim-steps`` override). images/s = batch / median time of one call.
+
+pytest-benchmark times one implementation after another; on a shared machine a change of load between cases skews
+their ratios. ``python -m benchmarks.test_bench_pipeline`` times the same pipelines interleaved (each round calls
+every implementation once, in turn) and prints the median over rounds of each round's speed-up over diffusers::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.test_bench_pipeline --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks.common import (
+    BenchSettings,
+    MatmulCeiling,
+    forward_gflop,
+    import_or_skip,
+    record_and_check,
+    reference_model,
+    run_timed,
+    settings_from_config,
+    strict_fp32,
+    synchronize,
+)
+from dit_fast.config import get_config
+from dit_fast.reference import DiT
+
+PIPELINE_IMPLS = ("reference", "dit_fast", "dit_fast+compile", "diffusers")
+CFG_SCALE = 1.5
+# A sampling chain accumulates the per-step error: its bound is this many times the single-forward dtype bound.
+CHAIN_TOLERANCE_SCALE = 10.0
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pipeline_impl" in metafunc.fixturenames:
+        settings = settings_from_config(metafunc.config)
+        metafunc.parametrize("pipeline_impl", [i for i in PIPELINE_IMPLS if settings.wants(i)])
+
+
+@dataclass(frozen=True)
+class PipelineCase:
+    """One ``DiTPipeline`` call: DDIM with ``steps`` steps over ``batch`` images of ``config``, guidance 1.5."""
+
+    config: str
+    batch: int
+    steps: int
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.config} batch {self.batch} DDIM-{self.steps} cfg {CFG_SCALE} (diffusers DiTPipeline)"
+
+    @property
+    def gflop(self) -> float:
+        """Transformer work of one call: one forward over the doubled (guided) batch per step (VAE excluded)."""
+        return self.steps * forward_gflop(self.config, 2 * self.batch)
+
+    @property
+    def labels(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, get_config(self.config).num_classes, (self.batch,), generator=gen).tolist()
+
+    def run(self, pipe: Any) -> torch.Tensor:
+        """One pipeline call from the case's generator: -> images (B, 3, H, W) in [0, 1], fp32."""
+        out = pipe(class_labels=self.labels, guidance_scale=CFG_SCALE, num_inference_steps=self.steps,
+                   generator=torch.Generator().manual_seed(self.seed), output_type="pt")
+        return out.images.float()
+
+
+def pipeline_case(settings: BenchSettings) -> PipelineCase:
+    size = settings.sizing("sampling")
+    return PipelineCase(size.config, size.batch, settings.ddim_steps, settings.seed)
+
+
+def _tiny_vae(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A random one-block AutoencoderKL in the pipeline's dtype (the pipeline decodes latents of the transformer's
+    dtype)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1)
+    return vae.to(device, dtype).eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=8)
+def pipeline(impl: str, config_name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
+    """A ``DiTPipeline`` of ``config_name`` with the benchmark reference's weights, served by ``impl``.
+
+    Cached per session (a compiled pipeline compiles once). Skips the calling case without diffusers.
+    """
+    if impl not in PIPELINE_IMPLS:
+        raise ValueError(f"unknown pipeline implementation {impl!r}; known: {', '.join(PIPELINE_IMPLS)}")
+    diffusers = import_or_skip("diffusers", "the diffusers pipeline benchmark")
+    checkpoints = import_or_skip("dit_fast.checkpoints", "the diffusers pipeline benchmark (weights converter)")
+    accel = import_or_skip("dit_fast.diffusers_pipeline", "the diffusers pipeline benchmark")
+    reference = reference_model(config_name, device, seed)
+    config = reference.config
+    try:
+        hf_config = checkpoints.to_diffusers_config(config)
+    except checkpoints.CheckpointError as e:
+        pytest.skip(f"diffusers: {e}")
+    with torch.device(device):
+        transformer = diffusers.DiTTransformer2DModel.from_config(hf_config)
+    transformer.load_state_dict(checkpoints.to_diffusers_state_dict(reference.state_dict(), config), strict=True)
+    if dtype != torch.float32:  # (diffusers warns on every dtype cast)
+        transformer = transformer.to(dtype)
+    transformer = transformer.eval().requires_grad_(False)
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=_tiny_vae(device, dtype),
+                                 scheduler=diffusers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    if impl == "reference":  # the plain reference DiT in diffusers' numerics, fp32, behind the same adapter
+        with torch.device(device):
+            plain = DiT.from_config(config.replace(numerics="diffusers"))
+        plain.load_state_dict(reference.state_dict(), strict=True)
+        pipe.transformer = accel.DiffusersDiT(plain.eval().requires_grad_(False), transformer.config)
+    elif impl != "diffusers":
+        accel.accelerate(pipe, compile=impl.endswith("+compile"))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipeline_oracle(bench_settings: BenchSettings) -> torch.Tensor:
+    """The images of the fp32 plain-reference pipeline for the run's case."""
+    case = pipeline_case(bench_settings)
+    with strict_fp32():
+        return case.run(pipeline("reference", case.config, bench_settings.device, torch.float32, case.seed))
+
+
+def test_pipeline(benchmark, bench_settings: BenchSettings, matmul_ceiling: MatmulCeiling, pipeline_oracle,
+                  pipeline_impl: str) -> None:
+    """Time one whole ``DiTPipeline`` call of ``pipeline_impl``; its images must match the fp32 reference's."""
+    case = pipeline_case(bench_settings)
+    benchmark.group = "diffusers pipeline"
+    device = bench_settings.device
+    dtype = torch.float32 if pipeline_impl == "reference" else bench_settings.dtype
+    pipe = pipeline(pipeline_impl, case.config, device, dtype, case.seed)
+    images = run_timed(benchmark, lambda: case.run(pipe), device, bench_settings.sizing("sampling").rounds)
+    record_and_check(benchmark, impl=pipeline_impl, case=case.label, gflop=case.gflop, images=case.batch,
+                     output=images, oracle=pipeline_oracle, settings=bench_settings, ceiling=matmul_ceiling,
+                     model=case.config, tolerance_scale=CHAIN_TOLERANCE_SCALE, steps=case.steps, sampler="ddim",
+                     cfg_scale=CFG_SCALE)
+
+
+def interleaved_speedups(case: PipelineCase, rounds: int, device: torch.device, dtype: torch.dtype,
+                         impls: tuple[str, ...] = ("diffusers", "dit_fast", "dit_fast+compile")
+                         ) -> dict[str, dict[str, float]]:
+    """Call every pipeline once per round, in turn, for ``rounds`` rounds after a warm-up round.
+
+    Returns ``{impl: {"seconds": median, "x_diffusers": median over rounds of that round's diffusers time / this
+    impl's, "max_abs_diff": largest image difference from the diffusers pipeline's images}}``.
+    """
+    pipes = {impl: pipeline(impl, case.config, device, dtype, case.seed) for impl in impls}
+    calls: dict[str, Callable[[], torch.Tensor]] = {impl: functools.partial(case.run, pipe)
+                                                    for impl, pipe in pipes.items()}
+    seconds: dict[str, list[float]] = {impl: [] for impl in impls}
+    images: dict[str, torch.Tensor] = {}
+    for round_ in range(rounds + 1):  # round 0 warms up (and compiles)
+        for impl, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            images[impl] = call()
+            synchronize(device)
+            if round_:
+                seconds[impl].append(time.perf_counter() - start)
+    base = seconds["diffusers"]
+    return {impl: {"seconds": statistics.median(times),
+                   "x_diffusers": statistics.median(b / s for b, s in zip(base, times, strict=True)),
+                   "max_abs_diff": (images[impl] - images["diffusers"]).abs().max().item()}
+            for impl, times in seconds.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.test_bench_pipeline",
+                                     description="Interleaved DiTPipeline speed-ups of dit_fast.accelerate over "
+                                                 "diffusers (median of per-round ratios).")
+    parser.add_argument("--config", default=None, help="model config (default DiT-S/2 on cpu, DiT-XL/2 on cuda)")
+    parser.add_argument("--batch", type=int, default=None, help="images per call (default 4)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 3 on cpu, 50 on cuda)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up round")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), fp32, bf16, fp16")
+    parser.add_argument("--no-compile", action="store_true", help="leave out dit_fast+compile")
+    args = parser.parse_args(argv)
+    settings = BenchSettings.from_options(device=args.device, dtype=args.dtype, config=args.config,
+                                          batch=args.batch, ddim_steps=args.steps)
+    case = pipeline_case(settings)
+    impls = ("diffusers", "dit_fast") if args.no_compile else ("diffusers", "dit_fast", "dit_fast+compile")
+    result = interleaved_speedups(case, args.rounds, settings.device, settings.dtype, impls)
+    print(f"{case.label}, {settings.dtype_name} on {settings.device}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} interleaved rounds")
+    print(f"{'impl':<18} {'median s':>9} {'images/s':>9} {'x diffusers':>12} {'max |image diff|':>17}")
+    for impl, row in result.items():
+        print(f"{impl:<18} {row['seconds']:>9.3f} {case.batch / row['seconds']:>9.2f} {row['x_diffusers']:>11.2f}x "
+              f"{row['max_abs_diff']:>17.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
