@@ -377,17 +377,38 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... for bad files
-        message = str(e)
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global", message)
-        if refused:
+        refused = refused_pickle(e)
+        if refused is not None:
             raise CheckpointError(
-                f"{path}: refused for safety: the file pickles {refused.group(1)}, which weights_only loading does "
-                f"not allow (dit-fast never unpickles arbitrary objects). If you trust the file, re-save just its "
-                f"tensors, e.g. torch.save(ckpt['ema'], 'weights.pt'), in the environment that wrote it"
+                f"{path} holds code objects ({refused}) that dit-fast will not load: it reads tensors only and never "
+                "runs code from a file. If you trust the file, re-save just its tensors where it was written, e.g. "
+                "torch.save(ckpt['ema'], 'weights.pt')"
             ) from e
         raise CheckpointError(
-            f"could not read {path}: truncated or corrupt PyTorch file ({type(e).__name__}: {message.splitlines()[0]})"
+            f"could not read {path}: truncated or corrupt PyTorch file ({type(e).__name__}: {_torch_error_line(e)})"
         ) from e
+
+
+# What torch's weights-only unpickler says when it refuses an object (global, call or build), as opposed to a damaged
+# stream; group 1 names what was refused.
+_REFUSED_PICKLE = re.compile(
+    r"GLOBAL (\S+) was not an allowed global|unsupported GLOBAL (\S+) whose module \S+ is blocked"
+    r"|call reduce for unrecognized function (.+?)(?: which belongs|$)|Can only create new object .* but got (.+)$"
+    r"|Can only build .* but got (.+)$", re.MULTILINE)
+
+
+def refused_pickle(error: BaseException) -> str | None:
+    """What a weights-only ``torch.load`` refused to unpickle (e.g. "posix.system"), or None when ``error`` is not
+    such a refusal (a truncated or corrupt file)."""
+    m = _REFUSED_PICKLE.search(str(error))
+    return None if m is None else next(g for g in m.groups() if g is not None)
+
+
+def _torch_error_line(error: BaseException) -> str:
+    """The informative line of a torch.load error, without torch's advice to retry with ``weights_only=False``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and not line.startswith("Check the documentation")]
+    return (useful or lines or [""])[0]
 
 
 def _from_torch_object(obj: Any, path: Path, hints: _Hints, use_model_weights: bool) -> Checkpoint:

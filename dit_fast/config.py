@@ -44,9 +44,9 @@ class DiTConfig:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if h < 1 or w < 1:
             problems.append(f"input_size={self.input_size} must be positive")
-        elif h % self.patch_size or w % self.patch_size:
+        elif self.patch_size >= 1 and (h % self.patch_size or w % self.patch_size):
             problems.append(f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}")
-        if self.hidden_size % self.num_heads:
+        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.hidden_size % 4:
             problems.append(f"hidden_size={self.hidden_size} must be a multiple of 4 (2D sin-cos positions)")
