@@ -9,6 +9,8 @@ import argparse
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from dit_fast.validation import int_arg
+
 NUMERICS = ("official", "diffusers")
 
 
@@ -206,7 +208,8 @@ def format_zoo(rows: list[dict[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"configs to show (default: all 12): {', '.join(CONFIGS)}")
-    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels; latent side = image/8")
+    parser.add_argument("--image-size", type=int_arg(8), default=256,
+                        help="image side in pixels; latent side = image/8")
 
 
 def main(args: argparse.Namespace) -> int:

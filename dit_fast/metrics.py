@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_fast.reference import check_labels
 from dit_fast.sample import generate, save_grid
 
 DIGITS_FEATURES = 32
@@ -129,10 +130,7 @@ def evaluate_digits(samples: torch.Tensor | np.ndarray, labels: torch.Tensor | n
         raise ValueError(f"{len(x)} samples but {len(y)} labels")
     if y.dtype.kind not in "iu":
         raise ValueError(f"labels must be integer class ids, got {y.dtype}")
-    outside = sorted({int(v) for v in y[~np.isin(y, clf.classes_)]})
-    if outside:
-        raise ValueError(f"labels {outside} are outside the digit classifier's classes "
-                         f"{clf.classes_.min()}..{clf.classes_.max()}")
+    check_labels(torch.from_numpy(y.astype(np.int64)), len(clf.classes_), what="labels")
     accuracy = float((clf.predict(x) == y).mean())
     frechet = frechet_distance_features(pca.transform(x), real)
     subset = np.random.RandomState(0).permutation(len(real))[: max(2, min(len(x), len(real)))]

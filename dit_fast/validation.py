@@ -1,14 +1,13 @@
 """Checks on user input, made before any work starts, and the errors the ``dit-fast`` command reports in one line.
 
+No torch here: the command checks its arguments before loading anything heavy.
+
 - Numeric command-line options: ``int_arg(min, max)`` and ``float_arg(min, max)`` are argparse ``type=`` callables
   that reject out-of-range and non-finite values at parse time (usage error, exit status 2), e.g.
   ``--max-steps -5`` -> ``argument --max-steps: must be an integer >= 1, got '-5'``.
 - Output paths: ``check_output_file`` / ``check_output_dir`` make sure a path can be written (its folder exists or
   can be made, is writable, the path is not a folder where a file is meant, and the disk has room) before any model
   is loaded, so a run never computes for hours and then fails to save.
-- Non-finite values: ``check_finite_weights`` (loaded weights) and ``NonFiniteMonitor`` (a sampling loop's model
-  outputs, recorded on the device without a host sync per step, so that an error can name the step where NaN or
-  inf first appeared).
 - ``UserError``: bad input or an environment the user can fix. The command prints its message as one line on stderr
   and exits with status 1 (as for the ``ValueError`` and ``OSError`` it derives from or sits beside); ``--debug``
   shows the traceback. ``Interrupted``: a run stopped by a signal after saving its state; the command prints the
@@ -23,10 +22,8 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
 
 
 class UserError(ValueError):
@@ -101,6 +98,7 @@ def float_arg(min_value: float | None = None, max_value: float | None = None, *,
 
 positive_int = int_arg(1)
 non_negative_int = int_arg(0)
+positive_float = float_arg(0.0, exclusive_min=True)
 
 
 # ---------------------------------------------------------------------------------------------------- output paths
@@ -179,48 +177,3 @@ def check_output_dir(path: str | os.PathLike, option: str, *, must_not_exist: bo
     if size_bytes:
         check_free_space(folder, size_bytes, label)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------- non-finite
-
-def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """UserError naming the tensors of ``tensors`` that hold NaN or infinity (floating-point tensors only)."""
-    bad = []
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad.append(f"{name} ({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf)")
-    if bad:
-        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
-        raise UserError(f"{source} holds non-finite weights: {', '.join(bad[:3])}{more}; the model would produce "
-                        "NaN (a diverged or damaged checkpoint)")
-
-
-class NonFiniteMonitor:
-    """Wraps a sampling model ``(x, t, y) -> out`` and records the first call whose output holds NaN or inf.
-
-    The record stays on the device (no host sync per step); ``first_bad()`` reads it once: None, or
-    ``(call, timestep)`` with ``call`` counted from 1 (a sampling step, for samplers that call the model once per
-    step) and ``timestep`` the (first) timestep of that call.
-    """
-
-    def __init__(self, model: Callable[..., torch.Tensor]):
-        self.model = model
-        self._calls: torch.Tensor | None = None  # () int64 on the device: calls so far
-        self._first: torch.Tensor | None = None  # (2,) int64: call, timestep; -1 until a non-finite output
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.model(x, t, y)
-        if self._first is None:
-            self._calls = torch.zeros((), dtype=torch.int64, device=out.device)
-            self._first = torch.full((2,), -1, dtype=torch.int64, device=out.device)
-        self._calls += 1
-        bad = (self._first[0] < 0) & ~torch.isfinite(out).all()
-        here = torch.stack([self._calls, t.reshape(-1)[0].to(device=out.device, dtype=torch.int64)])
-        self._first = torch.where(bad, here, self._first)
-        return out
-
-    def first_bad(self) -> tuple[int, int] | None:
-        if self._first is None:
-            return None
-        call, timestep = (int(v) for v in self._first.tolist())
-        return None if call < 0 else (call, timestep)

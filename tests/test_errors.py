@@ -78,6 +78,8 @@ def _cases(d: Path) -> dict[str, list[str]]:
         "results_under_a_file": [*TRAIN, "--results-dir", str(d / "a_file" / "results"), "--max-steps", "1"],
         "results_in_proc": [*TRAIN, "--results-dir", "/proc/dit-fast-results", "--max-steps", "1"],
         "batch_larger_than_data": [*TRAIN, "--results-dir", str(d / "r_big"), "--global-batch-size", "4000"],
+        "loss_diverges": [*TRAIN, "--results-dir", str(d / "diverged"), "--lr", "1e30", "--max-steps", "6",
+                          "--global-batch-size", "8", "--ckpt-every", "3", "--log-every", "100"],
         # convert: output checked before reading the source
         "convert_under_a_file": ["convert", tiny, str(d / "a_file" / "converted"), "--to", "dit-fast"],
         "convert_in_proc": ["convert", tiny, "/proc/dit-fast-converted.pt", "--to", "official"],
@@ -153,12 +155,14 @@ CASES = {
                                 r"folder$"),
     "results_in_proc": (1, r"^dit-fast train: --results-dir /proc/dit-fast-results: cannot write in /proc \("),
     "batch_larger_than_data": (1, r"^dit-fast train: the dataset has 1797 samples, fewer than one global batch"),
+    "loss_diverges": (1, r"^dit-fast train: training diverged: the loss became non-finite at step \d+ \(loss nan, "
+                         r"lr .*\); stopped without saving the diverged weights"),
     "convert_under_a_file": (1, r"^dit-fast convert: DST \S+a_file/converted: \S+a_file is a file, not a folder$"),
     "convert_in_proc": (1, r"^dit-fast convert: DST /proc/dit-fast-converted\.pt: cannot write in /proc \("),
     "convert_onto_a_folder": (1, r"^dit-fast convert: DST \S+a_folder is a folder; give a file path"),
     "evaluate_a_png": (1, r"^dit-fast evaluate: \S*grid\.png is not an \.npz file \(it is a PNG image\)"),
-    "evaluate_bad_labels": (1, r"^dit-fast evaluate: labels \[-1, 12\] are outside the digit classifier's classes "
-                               r"0\.\.9"),
+    "evaluate_bad_labels": (1, r"^dit-fast evaluate: labels must be in \[0, 9\]; labels \[-1, 12\] are out of "
+                               r"range"),
 }
 
 
@@ -170,6 +174,8 @@ def test_bad_input_fails_with_one_line(runs, case):
     assert not (d / "pwned").exists()  # the malicious pickle never ran
     assert not (d / "out").exists()  # nothing was sampled or written: every check came first
     assert not list(d.glob("r_*/*")) and not list(d.glob("a_file*/*"))  # no experiment folder for a failed run
+    if case == "loss_diverges":  # no checkpoint of diverged weights
+        assert not list(d.glob("diverged/*/checkpoints/*.pt"))
     if case in ("npz_under_a_file", "npz_in_proc", "out_is_a_folder", "cfg_scale_nan", "nan_weights"):
         assert "sampling" not in runs[case].stdout  # failed before sampling started
 
@@ -283,3 +289,11 @@ def test_output_checks_create_nothing(tmp_path):
         check_output_dir(tmp_path, "--output", must_not_exist=True)
     with pytest.raises(UserError, match="needs about .* but only .* is free"):
         check_free_space(tmp_path, 1 << 62, "--npz x.npz")
+
+
+def test_guidance_scale_must_be_finite():
+    from dit_fast.diffusion import CFGModel
+
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+            CFGModel(lambda x, t, y: x, scale, null_class=10)
