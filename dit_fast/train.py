@@ -343,7 +343,7 @@ class Trainer:
             return
         yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
                                                collate_fn=collate, pin_memory=self.d.device.type == "cuda",
-                                               persistent_workers=False)
+                                               persistent_workers=False, worker_init_fn=StopSignals.ignore)
 
     def run(self) -> None:
         cfg, d = self.cfg, self.d

@@ -144,7 +144,8 @@ CASES = {
                        r"step 1 of 2 \(timestep \d+\)"),
     "malicious_pickle": (1, r"^dit-fast sample: \S+evil\.pt holds code objects \(posix\.system\) that dit-fast will "
                             r"not load"),
-    "class_label_out_of_range": (1, r"^dit-fast sample: class ids \[10\] are out of range"),
+    "class_label_out_of_range": (1, r"^dit-fast sample: class ids must be in \[0, 9\]; class ids \[10\] are out of "
+                                    r"range"),
     "max_steps_negative": (USAGE, r"^dit-fast train: argument --max-steps: must be an integer >= 1, got '-5'"),
     "batch_negative": (USAGE, r"^dit-fast train: argument --global-batch-size: must be an integer >= 1, got '-4'"),
     "batch_zero": (USAGE, r"^dit-fast train: argument --global-batch-size: must be an integer >= 1, got '0'"),
