@@ -265,6 +265,7 @@ class Trainer:
             ckpt = self.resumed
             load_state_dicts(self.model, self.ema, self.opt, ckpt)
             self.step, self.epoch, self.index = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["index"])
+            self.saved_step = self.step
             states = ckpt["rng"]
             if len(states) == d.world_size:
                 set_rng_state(states[d.rank])

@@ -208,9 +208,9 @@ def check_finite_losses(window: list[dict[str, Any]], step: int, saved_step: int
         return
     where = (f"at step {step - len(window) + 1 + bad[0]} (loss {losses[bad[0]].item()}, lr {window[bad[0]]['lr']:.2e})"
              if bad else "on another process")
-    saved = f"the last, step {saved_step}, is in {ckpt_dir}" if saved_step else "none was saved"
+    saved = f"the last good checkpoint is step {saved_step} in {ckpt_dir}" if saved_step else "no checkpoint yet"
     raise UserError(f"training diverged: the loss became non-finite {where}; stopped without saving the diverged "
-                    f"weights (checkpoints: {saved}); lower --lr, or clip with --max-grad-norm")
+                    f"weights ({saved}); lower --lr, or clip with --max-grad-norm")
 
 
 def _ckpt_step(path: Path) -> int:
