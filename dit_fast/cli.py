@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract-latents": ("dit_fast.vae", "encode an image folder once into memory-mapped VAE latents for training"),
     "convert": ("dit_fast.checkpoints", "convert checkpoints between official .pt / train.py, dit-fast and diffusers"),
 }
+# Commands whose flags are declared in a module without torch: a bad flag is reported at once, before the command's
+# own (heavy) imports.
+ARGUMENTS: dict[str, str] = {"train": "dit_fast.train_config"}
 # Errors the user can act on: bad values, files and folders, missing optional packages.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
@@ -56,11 +59,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = importlib.import_module(module_name)
-            p.description = (module.__doc__ or help_text).strip().splitlines()[0]
+            module = importlib.import_module(ARGUMENTS.get(name, module_name))
+            if name not in ARGUMENTS:
+                p.description = (module.__doc__ or help_text).strip().splitlines()[0]
             _add_debug(p)
             module.add_arguments(p)
-            p.set_defaults(_module=module)
+            p.set_defaults(_module=module_name)
     return parser
 
 
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prefix, debug = f"dit-fast {args.command}", getattr(args, "debug", False)
     try:
-        return int(args._module.main(args) or 0)
+        return int(importlib.import_module(args._module).main(args) or 0)
     except Interrupted as e:  # the run saved its state first
         if debug:
             raise
