@@ -88,6 +88,7 @@ from dit_fast import __version__
 from dit_fast.config import CONFIGS, NUMERICS, DiTConfig, get_config
 from dit_fast.files import atomic_write
 from dit_fast.reference import DiT, sincos_pos_embed_2d
+from dit_fast.validation import check_output_dir, check_output_file, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -377,17 +378,40 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... for bad files
-        message = str(e)
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global", message)
-        if refused:
-            raise CheckpointError(
-                f"{path}: refused for safety: the file pickles {refused.group(1)}, which weights_only loading does "
-                f"not allow (dit-fast never unpickles arbitrary objects). If you trust the file, re-save just its "
-                f"tensors, e.g. torch.save(ckpt['ema'], 'weights.pt'), in the environment that wrote it"
-            ) from e
-        raise CheckpointError(
-            f"could not read {path}: truncated or corrupt PyTorch file ({type(e).__name__}: {message.splitlines()[0]})"
-        ) from e
+        raise CheckpointError(describe_load_error(path, e)) from e
+
+
+# What torch's weights-only unpickler says when it refuses an object (global, call or build), as opposed to a damaged
+# stream; the matching group names what was refused.
+_REFUSED_PICKLE = re.compile(
+    r"GLOBAL (\S+) was not an allowed global|unsupported GLOBAL (\S+) whose module \S+ is blocked"
+    r"|call reduce for unrecognized function (.+?)(?: which belongs|$)|Can only create new object .* but got (.+)$"
+    r"|Can only build .* but got (.+)$", re.MULTILINE)
+
+
+def describe_load_error(path: str | os.PathLike, error: BaseException) -> str:
+    """One message for a failed weights-only ``torch.load`` of ``path``: the file holds code objects dit-fast will
+    not load (naming them), or it is truncated or corrupt. torch's advice to retry with ``weights_only=False`` is
+    left out on purpose."""
+    m = _REFUSED_PICKLE.search(str(error))
+    if m is not None:
+        refused = next(g for g in m.groups() if g is not None)
+        return (f"{path} holds code objects ({refused}) that dit-fast will not load: it reads tensors only and never "
+                "runs code from a file. If you trust the file, re-save just its tensors where it was written, e.g. "
+                "torch.save(ckpt['ema'], 'weights.pt')")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and not line.startswith("Check the documentation")]
+    return f"could not read {path}: truncated or corrupt PyTorch file ({type(error).__name__}: {(useful or [''])[0]})"
+
+
+def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming the tensors of ``tensors`` that hold NaN or infinity (floating-point tensors only)."""
+    bad = [f"{name} ({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf)"
+           for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise CheckpointError(f"{source} holds non-finite weights: {', '.join(bad[:3])}{more}; the model would "
+                              "produce NaN (a diverged or damaged checkpoint)")
 
 
 def _from_torch_object(obj: Any, path: Path, hints: _Hints, use_model_weights: bool) -> Checkpoint:
@@ -1051,9 +1075,9 @@ def _weights_and_config(source: Source, config: DiTConfig | None) -> tuple[State
 
 def _input_size_arg(text: str) -> int | tuple[int, int]:
     parts = text.lower().split("x")
-    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
         return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
-    raise argparse.ArgumentTypeError(f"expected a latent size N or HxW, got {text!r}")
+    raise argparse.ArgumentTypeError(f"must be a latent size N or HxW (positive integers), got {text!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1066,10 +1090,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="numerics stored in a dit-fast output (default: the source's; official for others)")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help=f"zoo config name, gives num_heads for official weights: {', '.join(CONFIGS)}")
-    parser.add_argument("--num-heads", type=int, default=None, help="attention heads (not visible in shapes)")
+    parser.add_argument("--num-heads", type=positive_int, default=None,
+                        help="attention heads (not visible in shapes)")
     parser.add_argument("--input-size", type=_input_size_arg, default=None, metavar="N|HxW",
                         help="latent size, for non-square pos_embed grids")
-    parser.add_argument("--num-classes", type=int, default=None, help="classes, without the null row")
+    parser.add_argument("--num-classes", type=positive_int, default=None, help="classes, without the null row")
     parser.add_argument("--use-model-weights", action="store_true",
                         help="train.py checkpoints: take 'model' instead of 'ema'")
     parser.add_argument("--allow-embedder-mismatch", action="store_true",
@@ -1079,17 +1104,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    dst = Path(args.dst)
+    dst, src = Path(args.dst), Path(args.src)
     if dst.exists() and not args.overwrite:
-        raise SystemExit(f"dit-fast convert: {dst} exists; pass --overwrite to replace it")
-    try:
-        ckpt = convert(
-            args.src, dst, args.to, numerics=args.numerics, model_name=args.model, num_heads=args.num_heads,
-            input_size=args.input_size, num_classes=args.num_classes, use_model_weights=args.use_model_weights,
-            embedder_mismatch="warn" if args.allow_embedder_mismatch else "error",
-        )
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"dit-fast convert: {e}") from None
+        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) if src.is_dir() else (
+        src.stat().st_size if src.is_file() else 0)  # about the output's size; a missing SRC is reported below
+    if args.to == "official" or (args.to == "dit-fast" and dst.suffix == ".safetensors"):
+        check_output_file(dst, "DST", size_bytes=size, example="model.pt" if args.to == "official" else
+                          "model.safetensors")
+    else:
+        check_output_dir(dst, "DST", size_bytes=size)
+    ckpt = convert(
+        args.src, dst, args.to, numerics=args.numerics, model_name=args.model, num_heads=args.num_heads,
+        input_size=args.input_size, num_classes=args.num_classes, use_model_weights=args.use_model_weights,
+        embedder_mismatch="warn" if args.allow_embedder_mismatch else "error",
+    )
     print(_summary(ckpt.source, ckpt.format, ckpt.config, ckpt.notes))
     print(f"wrote {dst} (format: {args.to})")
     if args.to == "diffusers":

@@ -3,6 +3,12 @@
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``main(args)``; this file
 only maps names to modules, so adding a command is one line in ``COMMANDS``, and imports only the module of the
 command it runs. ARCHITECTURE.md at the repository root lists where each command's code lives.
+
+Errors, in one place (``main``): a bad option value is a usage error, one line and exit status 2; bad input or an
+environment the user can fix (``ValueError``, ``OSError``, a missing optional package, CUDA out of memory) is one
+line ``dit-fast COMMAND: message`` on stderr and exit status 1; a run stopped by Ctrl-C or SIGTERM exits 130 / 143
+(training saves a checkpoint first). Anything else is a bug and keeps its traceback; ``--debug`` (before or after
+the command) shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import importlib
 import sys
 
 from dit_fast import __version__
+from dit_fast.validation import Interrupted
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,22 +31,55 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract-latents": ("dit_fast.vae", "encode an image folder once into memory-mapped VAE latents for training"),
     "convert": ("dit_fast.checkpoints", "convert checkpoints between official .pt / train.py, dit-fast and diffusers"),
 }
+# Commands whose flags are declared in a module without torch: a bad flag is reported at once, before the command's
+# own (heavy) imports.
+ARGUMENTS: dict[str, str] = {"train": "dit_fast.train_config"}
+# Errors the user can act on: bad values, files and folders, missing optional packages.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: ``dit-fast train: argument --max-steps: must be ...``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of any error")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``dit-fast`` parser; only ``command``'s module is imported (and its flags added), so that running one
     command never imports another's dependencies."""
-    parser = argparse.ArgumentParser(prog="dit-fast", description="Fast, faithful Diffusion Transformers (DiT).")
+    parser = Parser(prog="dit-fast", description="Fast, faithful Diffusion Transformers (DiT).")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    _add_debug(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = importlib.import_module(module_name)
-            p.description = (module.__doc__ or help_text).strip().splitlines()[0]
+            module = importlib.import_module(ARGUMENTS.get(name, module_name))
+            if name not in ARGUMENTS:
+                p.description = (module.__doc__ or help_text).strip().splitlines()[0]
+            _add_debug(p)
             module.add_arguments(p)
-            p.set_defaults(_module=module)
+            p.set_defaults(_module=module_name)
     return parser
+
+
+def _describe(error: BaseException) -> str:
+    """An error's message; a system OSError as "path: reason"."""
+    if isinstance(error, OSError) and error.strerror and len(error.args) >= 2:
+        where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+        return f"{where}: {error.strerror}" if where else error.strerror
+    return str(error)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # loaded by every command that can run out of memory
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._module.main(args) or 0)
+    prefix, debug = f"dit-fast {args.command}", getattr(args, "debug", False)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except Interrupted as e:  # the run saved its state first
+        if debug:
+            raise
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except (*USER_ERRORS, RuntimeError) as e:
+        if debug or not (isinstance(e, USER_ERRORS) or _is_out_of_memory(e)):
+            raise
+        message = _describe(e)
+        if _is_out_of_memory(e):
+            message = f"out of memory ({message.splitlines()[0]}); lower --batch-size (or use --dtype bf16)"
+        raise SystemExit(f"{prefix}: {message}") from None
 
 
 if __name__ == "__main__":

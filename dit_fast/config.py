@@ -9,6 +9,8 @@ import argparse
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from dit_fast.validation import int_arg
+
 NUMERICS = ("official", "diffusers")
 
 
@@ -44,9 +46,9 @@ class DiTConfig:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if h < 1 or w < 1:
             problems.append(f"input_size={self.input_size} must be positive")
-        elif h % self.patch_size or w % self.patch_size:
+        elif self.patch_size >= 1 and (h % self.patch_size or w % self.patch_size):
             problems.append(f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}")
-        if self.hidden_size % self.num_heads:
+        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.hidden_size % 4:
             problems.append(f"hidden_size={self.hidden_size} must be a multiple of 4 (2D sin-cos positions)")
@@ -206,7 +208,8 @@ def format_zoo(rows: list[dict[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"configs to show (default: all 12): {', '.join(CONFIGS)}")
-    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels; latent side = image/8")
+    parser.add_argument("--image-size", type=int_arg(8), default=256,
+                        help="image side in pixels; latent side = image/8")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""Processes: joining the ``torchrun`` process group, this process's place in it, and the few collectives the
-scripts need (a mean over ranks, an object from rank 0, gathering objects, a barrier).
+"""Processes: joining the ``torchrun`` process group, this process's place in it, the few collectives the scripts
+need (a mean or maximum over ranks, an object from rank 0, gathering objects, a barrier), and ``StopSignals``, which
+turns Ctrl-C and SIGTERM into a request that every process sees at the same training step.
 
 Every helper is a no-op in a single process, so training and sampling call them unconditionally. Launched by
 ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set), ``setup_distributed`` joins with nccl on GPUs and gloo on
@@ -9,6 +10,8 @@ CPUs; ``cleanup`` leaves the group.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,3 +95,55 @@ def all_gather_object(obj: Any, d: Dist) -> list[Any]:
     out: list[Any] = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce_max(value: int, d: Dist) -> int:
+    """The largest of the processes' ``value``."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+class StopSignals:
+    """While active (a context manager), SIGINT (Ctrl-C) and SIGTERM do not kill the process but are recorded in
+    ``signum``: the training loop asks ``requested(d)`` after each step, then saves a checkpoint and exits. A second
+    Ctrl-C quits at once (KeyboardInterrupt). Signal handlers belong to the main thread; elsewhere nothing changes.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @staticmethod
+    def ignore(worker_id: int = 0) -> None:
+        """Ignore SIGINT and SIGTERM in this process: the ``worker_init_fn`` of data-loading workers, which a Ctrl-C
+        (sent to the whole process group) or a scheduler's SIGTERM would otherwise kill while the main process
+        finishes its step and saves; the workers still end with the main process."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+    def requested(self, d: Dist) -> bool:
+        """Whether any process got a signal; all of them then record it, so that they stop at the same step."""
+        if d.enabled:
+            self.signum = all_reduce_max(self.signum or 0, d) or None
+        return self.signum is not None

@@ -16,6 +16,7 @@ import torch
 
 from dit_fast.attention import BACKENDS, ENV_VAR, available_backends, resolve_backend
 from dit_fast.kernels.registry import KERNELS_ENV_VAR, available_kernels, resolve_kernels
+from dit_fast.validation import positive_int
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -82,12 +83,11 @@ def report(device_type: str, head_dim: int) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device to report on (default: cuda when available, else cpu)")
-    parser.add_argument("--head-dim", type=int, default=72, help="attention head dim (72 = DiT-XL, 64 = DiT-S/B/L)")
+    parser.add_argument("--head-dim", type=positive_int, default=72,
+                        help="attention head dim (72 = DiT-XL, 64 = DiT-S/B/L)")
 
 
 def main(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.head_dim < 1:
-        raise SystemExit(f"dit-fast env: --head-dim must be >= 1, got {args.head_dim}")
     print("\n".join(report(device, args.head_dim)))
     return 0

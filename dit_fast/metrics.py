@@ -29,6 +29,7 @@ import torch
 
 from dit_fast import adm_eval
 from dit_fast.frechet import feature_statistics, frechet_distance, frechet_distance_features
+from dit_fast.reference import check_labels
 from dit_fast.sample import generate, save_grid
 
 DIGITS_FEATURES = 32
@@ -90,6 +91,9 @@ def evaluate_digits(samples: torch.Tensor | np.ndarray, labels: torch.Tensor | n
     y = np.asarray(labels).reshape(-1)
     if len(y) != len(x):
         raise ValueError(f"{len(x)} samples but {len(y)} labels")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integer class ids, got {y.dtype}")
+    check_labels(torch.from_numpy(y.astype(np.int64)), len(clf.classes_), what="labels")
     accuracy = float((clf.predict(x) == y).mean())
     frechet = frechet_distance_features(pca.transform(x), real)
     subset = np.random.RandomState(0).permutation(len(real))[: max(2, min(len(x), len(real)))]
@@ -129,12 +133,29 @@ def evaluate_digits_model(model: torch.nn.Module, out_dir: str | Path, *, num_sa
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
-def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from an ``.npz`` holding ``mu`` and ``sigma`` (ADM reference batches) or ``features`` (N, D)."""
+# First bytes of files people pass by mistake -> what they are.
+_NOT_NPZ = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x93NUMPY": "a single-array .npy file",
+            b"\x80": "a pickle (a PyTorch checkpoint?)"}
+
+
+def check_npz(path: str) -> Path:
+    """``path`` as a Path if it is an existing ``.npz`` (zip) file; FileNotFoundError / ValueError otherwise,
+    saying what the file is instead."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{path!r} does not exist")
-    with np.load(p) as f:
+        raise FileNotFoundError(f"{path!r} does not exist" if not p.exists() else f"{path!r} is not a file")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head[:4] != b"PK\x03\x04":
+        what = next((kind for magic, kind in _NOT_NPZ.items() if head.startswith(magic)), "not a zip archive")
+        raise ValueError(f"{path} is not an .npz file (it is {what}); give the .npz written by `dit-fast sample "
+                         "--npz`")
+    return p
+
+
+def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an ``.npz`` holding ``mu`` and ``sigma`` (ADM reference batches) or ``features`` (N, D)."""
+    with np.load(check_npz(path)) as f:
         if "mu" in f and "sigma" in f:
             return f["mu"], f["sigma"]
         if "features" in f:
@@ -166,10 +187,7 @@ def main(args: argparse.Namespace) -> int:
             result: dict[str, float] = {"frechet": frechet_distance(*load_statistics(args.frechet[0]),
                                                                      *load_statistics(args.frechet[1]))}
         else:
-            p = Path(args.samples)
-            if not p.is_file():
-                raise FileNotFoundError(f"{args.samples!r} does not exist")
-            with np.load(p) as f:
+            with np.load(check_npz(args.samples)) as f:
                 if "arr_0" not in f or "labels" not in f:
                     raise ValueError(f"{args.samples!r} needs 'arr_0' (N, 8, 8, C) uint8 and 'labels' (N,); it has "
                                      f"{sorted(f.files)}")

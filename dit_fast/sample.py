@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dit_fast.checkpoints import load_checkpoint
+from dit_fast.checkpoints import check_finite_weights, load_checkpoint
 from dit_fast.data import mix_seed
 from dit_fast.diffusion import CFGModel, create_diffusion
 from dit_fast.distributed import barrier, cleanup, setup_distributed
@@ -43,6 +43,14 @@ from dit_fast.files import atomic_write
 from dit_fast.model import DiTFast
 from dit_fast.reference import check_labels
 from dit_fast.vae import VAE
+from dit_fast.validation import (
+    UserError,
+    check_free_space,
+    check_output_file,
+    float_arg,
+    non_negative_int,
+    positive_int,
+)
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
@@ -55,6 +63,37 @@ def initial_noise(seed: int, indices: range, shape: tuple[int, ...], device: tor
     for row, i in enumerate(indices):
         out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, i)))
     return out.to(device)
+
+
+class NonFiniteMonitor:
+    """Wraps a sampling model ``(x, t, y) -> out`` and records the first call whose output holds NaN or inf.
+
+    The record stays on the device (no host sync per step); ``first_bad()`` reads it once: None, or
+    ``(call, timestep)`` with ``call`` counted from 1 (a sampling step, for samplers that call the model once per
+    step) and ``timestep`` the (first) timestep of that call.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor]):
+        self.model = model
+        self._calls: torch.Tensor | None = None  # () int64 on the device: calls so far
+        self._first: torch.Tensor | None = None  # (2,) int64: call, timestep; -1 until a non-finite output
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.model(x, t, y)
+        if self._first is None:
+            self._calls = torch.zeros((), dtype=torch.int64, device=out.device)
+            self._first = torch.full((2,), -1, dtype=torch.int64, device=out.device)
+        self._calls += 1
+        bad = (self._first[0] < 0) & ~torch.isfinite(out).all()
+        here = torch.stack([self._calls, t.reshape(-1)[0].to(device=out.device, dtype=torch.int64)])
+        self._first = torch.where(bad, here, self._first)
+        return out
+
+    def first_bad(self) -> tuple[int, int] | None:
+        if self._first is None:
+            return None
+        call, timestep = (int(v) for v in self._first.tolist())
+        return None if call < 0 else (call, timestep)
 
 
 def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels: torch.Tensor, *,
@@ -111,10 +150,17 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
     for start in tqdm(starts, desc="sample", disable=not progress or len(starts) == 1):
         idx = range(first_index + start, first_index + min(start + batch_size, len(labels)))
         torch.manual_seed(mix_seed(seed, idx.start, 1))  # DDPM's per-step noise
-        z = sample_batch(forward, initial_noise(seed, idx, shape, device), labels[start: start + len(idx)].to(device),
+        monitor = NonFiniteMonitor(forward)
+        z = sample_batch(monitor, initial_noise(seed, idx, shape, device), labels[start: start + len(idx)].to(device),
                          sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, guide_channels=guide_channels,
                          interval=interval, null_class=cfg.num_classes, clip_denoised=clip_denoised,
                          progress=progress and len(starts) == 1)
+        bad = monitor.first_bad()
+        if bad is not None or not bool(torch.isfinite(z).all()):
+            where = (f"the model's output first did at sampling step {bad[0]} of {num_steps} (timestep {bad[1]})"
+                     if bad is not None else "the model's outputs were finite, the sampler's arithmetic overflowed")
+            raise ValueError(f"samples {idx.start}..{idx.stop - 1} hold NaN or inf: {where}; check the weights, the "
+                             "dtype and the guidance scale")
         out.append(z.float().cpu())
     return torch.cat(out) if out else torch.empty((0, *shape))
 
@@ -198,30 +244,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint: a dit-fast training .pt or safetensors folder/file, an official .pt, or a "
                              "diffusers DiT folder")
     parser.add_argument("--model", default=None, help="zoo name (e.g. DiT-XL/2), for files that store no config")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="pixel side, for files that store no config (latent side = image size / 8)")
-    parser.add_argument("--num-classes", type=int, default=None, help="for files that store no config")
+    parser.add_argument("--num-classes", type=positive_int, default=None, help="for files that store no config")
     parser.add_argument("--vae", default=None, help="LOCAL diffusers AutoencoderKL folder (needed for latent models)")
-    parser.add_argument("--class-labels", type=int, nargs="*", default=None,
+    parser.add_argument("--class-labels", type=non_negative_int, nargs="*", default=None,
                         help="class ids to sample, cycled over --num-samples (default: uniformly random classes)")
-    parser.add_argument("--num-samples", type=int, default=None,
+    parser.add_argument("--num-samples", type=positive_int, default=None,
                         help="images in total (default: the number of --class-labels, else 16)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
+    parser.add_argument("--cfg-scale", type=float_arg(1.0), default=4.0,
+                        help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--guide-channels", default="3", choices=["3", "all"],
                         help="3: the official (channels 0..2 of 4); all: every eps channel")
-    parser.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+    parser.add_argument("--guidance-interval", type=non_negative_int, nargs=2, default=None, metavar=("LO", "HI"),
                         help="apply guidance only at original timesteps LO..HI (e.g. 0 700)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward batch, per process")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward batch, per process")
     parser.add_argument("--out", default="sample.png", help="PNG grid path (of the first --grid-images samples)")
-    parser.add_argument("--grid-images", type=int, default=64)
+    parser.add_argument("--grid-images", type=positive_int, default=64)
     parser.add_argument("--npz", default=None, help="also write all samples as an ADM-evaluator .npz")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--impl", choices=["fast", "reference"], default=None,
                         help="DiTFast or the plain reference model (default: fast)")
     parser.add_argument("--no-progress", action="store_true")
@@ -229,14 +276,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Sample a trained DiT into a PNG grid (and an ADM .npz), sharded across torchrun processes."""
-    if args.num_sampling_steps < 1 or args.batch_size < 1 or (args.num_samples is not None and args.num_samples < 1):
-        raise SystemExit("dit-fast sample: --num-sampling-steps, --batch-size and --num-samples must be >= 1")
-    if args.cfg_scale < 1.0:
-        raise SystemExit(f"dit-fast sample: --cfg-scale {args.cfg_scale} < 1 (1 disables guidance)")
+    check_output_file(args.out, "--out", example="sample.png")
+    if args.npz:
+        check_output_file(args.npz, "--npz", example="samples.npz")
+    if args.guidance_interval and args.guidance_interval[0] > args.guidance_interval[1]:
+        raise UserError(f"--guidance-interval {args.guidance_interval[0]} {args.guidance_interval[1]}: LO must be "
+                        "<= HI")
     try:
         d = setup_distributed(args.device)
     except RuntimeError as e:
-        raise SystemExit(f"dit-fast sample: {e}") from None
+        raise UserError(str(e)) from None
     if args.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(args.threads)
     shard_path = None
@@ -245,6 +294,7 @@ def main(args: argparse.Namespace) -> int:
         impl = args.impl or "fast"
         model, description = load_model(args.ckpt, model_name=args.model, image_size=args.image_size,
                                         num_classes=args.num_classes, impl=impl, device=d.device)
+        check_finite_weights(model.state_dict(), args.ckpt)
         cfg = model.config
         vae = None
         if cfg.in_channels == 4:
@@ -260,6 +310,10 @@ def main(args: argparse.Namespace) -> int:
         else:
             labels = torch.randint(0, cfg.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
         check_labels(labels, cfg.num_classes, what="class ids")
+        if args.npz:  # the .npz (and, across processes, the shards it is merged from) must fit before sampling
+            h, w = (side * (vae.downsample if vae is not None else 1) for side in cfg.grid_input)
+            check_free_space(Path(args.npz).parent, n * h * w * 3 * (2 if d.enabled else 1),
+                             f"--npz {args.npz} ({n} images of {h}x{w})")
         per_rank = math.ceil(n / d.world_size)
         lo, hi = min(n, d.rank * per_rank), min(n, (d.rank + 1) * per_rank)
         if d.is_main:
@@ -294,8 +348,6 @@ def main(args: argparse.Namespace) -> int:
                 write_npz(args.npz, shards, labels.numpy())
                 print(f"wrote {args.npz} (arr_0 ({n}, {images.shape[1]}, {images.shape[2]}, 3) uint8, labels)")
         barrier(d)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(f"dit-fast sample: {e}") from None
     finally:
         if shard_path is not None:
             with contextlib.suppress(OSError):

@@ -21,7 +21,8 @@ runs with ``train=False``: the label dropout is the only thing that mode switche
 
 Checkpoints (``results/NNN-<model>/checkpoints/<step>.pt``) are written atomically, the last ``--keep-last`` kept,
 and hold the model, EMA, optimizer, step, data position, RNG states and config; they are a superset of the official
-train.py checkpoints ("model", "ema", "opt", "args").
+train.py checkpoints ("model", "ema", "opt", "args"). Ctrl-C and SIGTERM stop the run after the current step and save
+a checkpoint there (exit status 130 / 143); a NaN or infinite loss stops it without saving the diverged weights.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +53,7 @@ from dit_fast.data import (
     sample_latents,
 )
 from dit_fast.diffusion import create_diffusion
-from dit_fast.distributed import Dist, all_reduce_mean, broadcast_object, cleanup, setup_distributed
+from dit_fast.distributed import Dist, StopSignals, all_reduce_mean, broadcast_object, cleanup, setup_distributed
 from dit_fast.files import atomic_save
 from dit_fast.hardware import peak_flops
 from dit_fast.metrics import evaluate_digits_model
@@ -61,6 +63,8 @@ from dit_fast.train_config import DIGITS_MODEL, DIGITS_RECIPE, OFFICIAL_RECIPE, 
 from dit_fast.train_state import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
+    check_finite_losses,
+    find_resume,
     list_checkpoints,
     load_state_dicts,
     load_train_checkpoint,
@@ -74,6 +78,7 @@ from dit_fast.train_state import (
     state_dicts,
 )
 from dit_fast.vae import SCALE_FACTOR, VAE
+from dit_fast.validation import Interrupted, UserError, check_free_space, check_output_dir
 
 # Names that lived here before the split, kept importable from dit_fast.train.
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "DIGITS_MODEL", "DIGITS_RECIPE", "OFFICIAL_RECIPE", "Dist", "RunLog",
@@ -199,45 +204,34 @@ class Trainer:
         epoch_steps = int(cfg.epochs) * steps_per_epoch
         self.total_steps = epoch_steps if cfg.max_steps is None else min(int(cfg.max_steps), epoch_steps)
         self.diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg.diffusion_steps)
-        self.step, self.epoch, self.index = 0, 0, 0
+        self.step, self.epoch, self.index, self.saved_step = 0, 0, 0, None
         self.resumed: dict[str, Any] | None = None
-        self._setup_folder()
+        self.log, self.notes, self.exp_dir = RunLog(None), [], None  # notes: logged once the folder exists
+        if (found := find_resume(cfg.resume, cfg.results_dir, self.config, d)) is not None:
+            self.resumed, path = found
+            self.exp_dir = check_output_dir(path.parent, "--resume").parent
+            self.notes.append(f"resuming from {path} (step {self.resumed['step']})")
         self._build()
+        self._setup_folder()  # last: no experiment folder for a run that fails its checks
 
     # -- setup
 
     def _setup_folder(self) -> None:
+        """The experiment folder (a new NNN-<model> unless resuming), with room for a checkpoint: the model, the EMA
+        and AdamW's two moments, four fp32 copies of the parameters."""
         cfg, d = self.cfg, self.d
-        self.log = RunLog(None)
-        found = None
-        if cfg.resume is not None and d.is_main:
-            found = resolve_resume(cfg.resume, cfg.results_dir, print)
-            if found is None:
-                print(f"--resume auto: no checkpoint under {cfg.results_dir!r}; starting a new run")
-            else:
-                self.resumed = found[0]
-        found = broadcast_object(None if found is None else str(found[1]), d)
-        if found is not None:
-            ckpt_path = Path(found)
-            self.exp_dir = ckpt_path.parent.parent
-            if self.resumed is None:  # the other ranks read the checkpoint rank 0 chose
-                self.resumed = load_train_checkpoint(ckpt_path)
-            saved = DiTConfig.from_dict(self.resumed["config"])
-            if saved != self.config:
-                diff = {f: (getattr(saved, f), getattr(self.config, f)) for f in saved.to_dict()
-                        if getattr(saved, f) != getattr(self.config, f)}
-                raise ValueError(f"checkpoint {found} is of another model config; differing fields "
-                                 f"(checkpoint, this run): {diff}")
-        else:
+        check_free_space(self.exp_dir or cfg.results_dir, 16 * self.params,
+                         f"--results-dir {cfg.results_dir} (a checkpoint of {self.params:,} parameters)")
+        if self.exp_dir is None:
             name = cfg.model or ("DiT-digits" if cfg.data_path is None else "DiT-XL/2")
             path = new_experiment_dir(cfg.results_dir, name) if d.is_main else None
             self.exp_dir = Path(broadcast_object(None if path is None else str(path), d))
+        elif d.is_main:
+            remove_partial_files(self.exp_dir / "checkpoints")
         self.ckpt_dir = self.exp_dir / "checkpoints"
         self.log = RunLog(self.exp_dir if d.is_main else None)
-        if found is not None:
-            self.log(f"resuming from {found} (step {self.resumed['step']})")
-            if d.is_main:
-                remove_partial_files(self.ckpt_dir)
+        for note in self.notes:
+            self.log(note)
 
     def _build(self) -> None:
         cfg, d = self.cfg, self.d
@@ -271,12 +265,13 @@ class Trainer:
             ckpt = self.resumed
             load_state_dicts(self.model, self.ema, self.opt, ckpt)
             self.step, self.epoch, self.index = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["index"])
+            self.saved_step = self.step
             states = ckpt["rng"]
             if len(states) == d.world_size:
                 set_rng_state(states[d.rank])
             else:
-                self.log(f"WARNING: checkpoint has RNG states of {len(states)} processes, this run has "
-                         f"{d.world_size}; per-rank RNGs are re-seeded (training draws are per-step, unaffected)")
+                self.notes.append(f"WARNING: checkpoint has RNG states of {len(states)} processes, this run "
+                                  f"{d.world_size}; per-rank RNGs are re-seeded (training draws are per-step)")
             self.resumed = None  # free the memory
 
     # -- one step
@@ -325,10 +320,13 @@ class Trainer:
 
     # -- checkpoints
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, window: list[dict[str, Any]]) -> None:
+        """Save this step's checkpoint, unless a loss of ``window`` (the steps since the last check) diverged."""
+        check_finite_losses(window, self.step, self.saved_step, self.ckpt_dir, self.d)
         path = save_train_checkpoint(self.ckpt_dir, self.step, self.model, self.ema, self.opt, self.d,
                                      self.cfg.keep_last, args=self.cfg.to_dict(), config=self.config.to_dict(),
                                      epoch=self.epoch, index=self.index, global_batch_size=self.global_batch)
+        self.saved_step = self.step
         if path is not None:
             self.log(f"saved checkpoint {path}")
 
@@ -346,7 +344,7 @@ class Trainer:
             return
         yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
                                                collate_fn=collate, pin_memory=self.d.device.type == "cuda",
-                                               persistent_workers=False)
+                                               persistent_workers=False, worker_init_fn=StopSignals.ignore)
 
     def run(self) -> None:
         cfg, d = self.cfg, self.d
@@ -367,34 +365,44 @@ class Trainer:
         window: list[dict[str, torch.Tensor]] = []
         t0 = time.perf_counter()
         start = t0
-        for x, y in self.batches():
-            if self.index + self.global_batch > len(self.dataset):
-                self.epoch, self.index = self.epoch + 1, 0
-            window.append(self.train_step(x, y))
-            self.step += 1
-            self.index += self.global_batch
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                sps = len(window) / (now - t0)
-                loss = all_reduce_mean(torch.stack([w["loss"] for w in window]).mean().item(), d)
-                mse = all_reduce_mean(torch.stack([w["mse"] for w in window]).mean().item(), d)
-                vb = all_reduce_mean(torch.stack([w["vb"] for w in window]).mean().item(), d)
-                ips = sps * self.global_batch
-                mfu = ips * train_flops / (peak * d.world_size) if peak else None
-                msg = (f"(step={self.step:07d}) loss {loss:.4f} (mse {mse:.4f}, vb {vb:.4f}), lr "
-                       f"{window[-1]['lr']:.2e}, {sps:.2f} steps/s, {ips:.1f} img/s"
-                       + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
-                self.log(msg)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-                self.log.row({"step": self.step, "epoch": self.epoch, "loss": loss, "mse": mse, "vb": vb,
-                              "lr": window[-1]["lr"], "steps_per_sec": sps, "images_per_sec": ips,
-                              "mfu": "" if mfu is None else mfu, "elapsed_s": now - start})
-                window, t0 = [], time.perf_counter()
-            if self.step % cfg.ckpt_every == 0 or self.step == self.total_steps:
-                self.save_checkpoint()
+        with StopSignals() as stop:
+            batches = self.batches()
+            while not stop.requested(d) and (batch := next(batches, None)) is not None:
+                if self.index + self.global_batch > len(self.dataset):
+                    self.epoch, self.index = self.epoch + 1, 0
+                window.append(self.train_step(*batch))
+                self.step += 1
+                self.index += self.global_batch
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    check_finite_losses(window, self.step, self.saved_step, self.ckpt_dir, d)
+                    if d.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    sps = len(window) / (now - t0)
+                    loss = all_reduce_mean(torch.stack([w["loss"] for w in window]).mean().item(), d)
+                    mse = all_reduce_mean(torch.stack([w["mse"] for w in window]).mean().item(), d)
+                    vb = all_reduce_mean(torch.stack([w["vb"] for w in window]).mean().item(), d)
+                    ips = sps * self.global_batch
+                    mfu = ips * train_flops / (peak * d.world_size) if peak else None
+                    msg = (f"(step={self.step:07d}) loss {loss:.4f} (mse {mse:.4f}, vb {vb:.4f}), lr "
+                           f"{window[-1]['lr']:.2e}, {sps:.2f} steps/s, {ips:.1f} img/s"
+                           + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+                    self.log(msg)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+                    self.log.row({"step": self.step, "epoch": self.epoch, "loss": loss, "mse": mse, "vb": vb,
+                                  "lr": window[-1]["lr"], "steps_per_sec": sps, "images_per_sec": ips,
+                                  "mfu": "" if mfu is None else mfu, "elapsed_s": now - start})
+                    window, t0 = [], time.perf_counter()
+                if self.step % cfg.ckpt_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint(window)
+            if stop.signum is not None:  # keep the steps done (the same atomic save), then exit 128 + the signal
+                if self.saved_step != self.step:
+                    self.log(f"stopping at step {self.step}: saving a checkpoint (Ctrl-C again quits without saving)")
+                    self.save_checkpoint(window)
+                raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name} at step {self.step}; saved "
+                                  f"checkpoint {self.ckpt_dir / f'{self.step:07d}.pt'} (continue with --resume "
+                                  f"{self.exp_dir})", stop.signum)
         bar.close()
         self.log.bar = None
         self.log(f"done: {self.step} steps ({self.step / max(steps_per_epoch, 1):.1f} epochs) in "
@@ -416,16 +424,14 @@ def evaluate_digits_run(trainer: Trainer) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     """Train a DiT (with no arguments: a small one on the built-in digits, then sample and score it)."""
     cfg = TrainConfig.from_args(args).resolved()
-    for name in ("keep_last", "eval_samples", "diffusion_steps"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"dit-fast train: --{name.replace('_', '-')} must be >= 1")
     if cfg.eval and cfg.data_path is not None:
-        raise SystemExit("dit-fast train: --eval scores the built-in digits only; for other data run `dit-fast "
-                         "sample --npz` and the ADM evaluator")
+        raise UserError("--eval scores the built-in digits only; for other data run `dit-fast sample --npz` and the "
+                        "ADM evaluator")
+    check_output_dir(cfg.results_dir, "--results-dir")
     try:
         d = setup_distributed(cfg.device)
     except RuntimeError as e:
-        raise SystemExit(f"dit-fast train: {e}") from None
+        raise UserError(str(e)) from None
     if cfg.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
@@ -433,8 +439,6 @@ def main(args: argparse.Namespace) -> int:
         trainer.run()
         if cfg.data_path is None and cfg.eval and d.is_main:
             evaluate_digits_run(trainer)
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
-        raise SystemExit(f"dit-fast train: {e}") from None
     finally:
         cleanup(d)
     return 0

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from dit_fast.config import CONFIGS, DiTConfig, get_config
+from dit_fast.validation import float_arg, non_negative_int, positive_float, positive_int
 
 # The built-in default: a small DiT on the 8x8 digits, and a recipe that trains it well in minutes on a CPU.
 # Small and many steps beats wide and few here: in 180 s of CPU time width 64 made 5,338 steps where width 128 made
@@ -50,35 +51,37 @@ class TrainConfig:
     results_dir: str = _flag(_DATA, "results", "experiment folders NNN-<model> are created here")
     model: str | None = _flag(_DATA, help="model config (default: DiT-XL/2, or a 0.3M-parameter DiT for the "
                               "built-in digits)", choices=list(CONFIGS))
-    image_size: int | None = _flag(_DATA, help="pixel side (default 256; 8 for the digits)", type=int)
-    num_classes: int | None = _flag(_DATA, help="default: the number of classes in the data", type=int)
+    image_size: int | None = _flag(_DATA, help="pixel side (default 256; 8 for the digits)", type=positive_int)
+    num_classes: int | None = _flag(_DATA, help="default: the number of classes in the data", type=positive_int)
     vae: str | None = _flag(_DATA, help="LOCAL diffusers AutoencoderKL folder, for image-folder data")
-    hidden_size: int | None = _flag(_DATA, help="override the model's width", type=int)
-    depth: int | None = _flag(_DATA, help="override the model's number of blocks", type=int)
-    num_heads: int | None = _flag(_DATA, help="override the model's attention heads", type=int)
-    patch_size: int | None = _flag(_DATA, help="override the model's patch side", type=int)
-    num_workers: int = _flag(_DATA, 4, "data-loading worker processes (image folders)", type=int)
+    hidden_size: int | None = _flag(_DATA, help="override the model's width", type=positive_int)
+    depth: int | None = _flag(_DATA, help="override the model's number of blocks", type=positive_int)
+    num_heads: int | None = _flag(_DATA, help="override the model's attention heads", type=positive_int)
+    patch_size: int | None = _flag(_DATA, help="override the model's patch side", type=positive_int)
+    num_workers: int = _flag(_DATA, 4, "data-loading worker processes (image folders)", type=non_negative_int)
 
-    epochs: int | None = _flag(_OPT, help="default 1400 (official); 1000 for the digits", type=int)
+    epochs: int | None = _flag(_OPT, help="default 1400 (official); 1000 for the digits", type=positive_int)
     max_steps: int | None = _flag(_OPT, help="stop after this many steps (default: the epochs' worth; 8000 for the "
-                                  "digits)", type=int)
-    global_batch_size: int | None = _flag(_OPT, help="default 256 (official); 32 for the digits", type=int)
-    lr: float | None = _flag(_OPT, help="AdamW learning rate (default 1e-4; 2e-3 for the digits)", type=float)
-    warmup_steps: int | None = _flag(_OPT, help="linear LR warm-up steps (default 0; 100 digits)", type=int)
-    weight_decay: float = _flag(_OPT, 0.0, type=float)
-    ema_decay: float | None = _flag(_OPT, help="default 0.9999 (official); 0.999 for the digits", type=float)
+                                  "digits)", type=positive_int)
+    global_batch_size: int | None = _flag(_OPT, help="default 256 (official); 32 for the digits", type=positive_int)
+    lr: float | None = _flag(_OPT, help="AdamW learning rate (default 1e-4; 2e-3 for the digits)", type=positive_float)
+    warmup_steps: int | None = _flag(_OPT, help="linear LR warm-up steps (default 0; 100 digits)",
+                                     type=non_negative_int)
+    weight_decay: float = _flag(_OPT, 0.0, type=float_arg(0.0))
+    ema_decay: float | None = _flag(_OPT, help="default 0.9999 (official); 0.999 for the digits",
+                                    type=float_arg(0.0, 1.0))
     ema_warmup: bool | None = _flag(_OPT, help="EMA decay min(decay, (1+step)/(10+step)), for short runs (default: "
                                     "on for the digits)", action=argparse.BooleanOptionalAction)
-    max_grad_norm: float | None = _flag(_OPT, help="clip the gradient norm (default: no clipping)", type=float)
-    diffusion_steps: int = _flag(_OPT, 1000, type=int)
-    global_seed: int = _flag(_OPT, 0, type=int)
+    max_grad_norm: float | None = _flag(_OPT, help="clip the gradient norm (default: no clipping)", type=positive_float)
+    diffusion_steps: int = _flag(_OPT, 1000, type=positive_int)
+    global_seed: int = _flag(_OPT, 0, type=non_negative_int)
 
     device: str | None = _flag(_PERF, help="cuda or cpu (default: cuda when available)")
     dtype: str | None = _flag(_PERF, help="autocast dtype (default: bf16 on GPU, fp32 on CPU); weights and optimizer "
                               "stay fp32", choices=["fp32", "bf16"])
     compile: bool = _flag(_PERF, False, "torch.compile the model", action="store_true")
     threads: int | None = _flag(_PERF, help="CPU threads for tensor ops (default: 1 for the small digits model, "
-                                "whose matmuls are too small to split; else PyTorch's)", type=int)
+                                "whose matmuls are too small to split; else PyTorch's)", type=positive_int)
     impl: str | None = _flag(_PERF, help="DiTFast (fused kernels, the default) or the plain reference model",
                              choices=["fast", "reference"])
     attention: str = _flag(_PERF, "auto", "attention backend of the fast model")
@@ -86,18 +89,18 @@ class TrainConfig:
     grad_checkpointing: bool = _flag(_PERF, False, "recompute block activations in backward", action="store_true")
     fsdp: bool = _flag(_PERF, False, "shard parameters, gradients and optimizer state (FSDP2)", action="store_true")
 
-    log_every: int | None = _flag(_LOG, help="default 100 (500 for the digits)", type=int)
-    ckpt_every: int | None = _flag(_LOG, help="default 50000 (2000 for the digits)", type=int)
-    keep_last: int = _flag(_LOG, 3, "checkpoints kept (older ones are deleted)", type=int)
+    log_every: int | None = _flag(_LOG, help="default 100 (500 for the digits)", type=positive_int)
+    ckpt_every: int | None = _flag(_LOG, help="default 50000 (2000 for the digits)", type=positive_int)
+    keep_last: int = _flag(_LOG, 3, "checkpoints kept (older ones are deleted)", type=positive_int)
     resume: str | None = _flag(_LOG, help="'auto' (newest checkpoint under --results-dir, if any), an experiment "
                                "folder or a .pt")
     no_progress: bool = _flag(_LOG, False, "no progress bar", action="store_true")
     eval: bool | None = _flag(_LOG, help="after training the digits: sample, write a grid, report accuracy and "
                               "Frechet distance", action=argparse.BooleanOptionalAction)
-    eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle)", type=int)
-    eval_cfg_scale: float = _flag(_LOG, 2.0, "digits evaluation: guidance scale", type=float)
+    eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle)", type=positive_int)
+    eval_cfg_scale: float = _flag(_LOG, 2.0, "digits evaluation: guidance scale", type=float_arg(1.0))
     eval_sampler: str = _flag(_LOG, "ddpm", choices=["ddpm", "ddim", "dpm++"])
-    eval_steps: int = _flag(_LOG, 100, type=int)
+    eval_steps: int = _flag(_LOG, 100, type=positive_int)
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -110,7 +113,19 @@ class TrainConfig:
         filled = {k: v for k, v in self.recipe.items() if getattr(self, k) is None}
         if self.epochs is not None and self.max_steps is None:
             filled["max_steps"] = None
-        return replace(self, **filled)
+        return replace(self, **filled).check()
+
+    def check(self) -> TrainConfig:
+        """``self``, or a ValueError naming a field outside its range: the range of its flag, which the command
+        line checks when it parses (``dit_fast.validation``)."""
+        for f in fields(self):
+            parse, value = f.metadata.get("type"), getattr(self, f.name)
+            if parse is not None and value is not None:
+                try:
+                    parse(str(value))
+                except argparse.ArgumentTypeError as e:
+                    raise ValueError(f"TrainConfig {f.name}: {e}") from None
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

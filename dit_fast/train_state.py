@@ -1,4 +1,5 @@
-"""Training state on disk: the resumable training checkpoint, its RNG states, and finding one to resume from.
+"""Training state on disk: the resumable training checkpoint, its RNG states, finding one to resume from, and the
+check that keeps diverged (NaN) weights from being saved.
 
 Beside ``dit_fast.checkpoints`` (model weights in every format, for sampling and conversion), this module holds what
 ``dit_fast.train`` needs to continue a run exactly: a checkpoint ``<exp>/checkpoints/<step:07d>.pt`` is a dict with
@@ -30,8 +31,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dit_fast.distributed import Dist, all_gather_object, barrier
+from dit_fast.checkpoints import check_finite_weights, describe_load_error
+from dit_fast.config import DiTConfig
+from dit_fast.distributed import Dist, all_gather_object, all_reduce_max, barrier, broadcast_object
 from dit_fast.files import atomic_save
+from dit_fast.validation import UserError
 
 CHECKPOINT_FORMAT = "dit-fast-train-v1"
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
@@ -129,7 +133,7 @@ def load_train_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails in many ways (zip, unpickler, storage errors)
-        raise ValueError(f"checkpoint {str(path)!r} is unreadable (corrupt or truncated): {e}") from None
+        raise ValueError(describe_load_error(path, e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a dit-fast training checkpoint (no optimizer/RNG/data state to "
                          "resume from); to fine-tune from weights, load them with dit_fast.checkpoints")
@@ -169,6 +173,44 @@ def resolve_resume(resume: str, results_dir: str, log: Callable[[str], None]) ->
             problems.append(str(e))
             log(f"WARNING: {e}; falling back to the previous checkpoint")
     raise ValueError("no readable checkpoint to resume from:\n  " + "\n  ".join(problems))
+
+
+def find_resume(resume: str | None, results_dir: str, config: DiTConfig, d: Dist) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint ``--resume`` continues from and its path (rank 0 chooses, every rank loads it), checked to
+    hold finite weights of ``config``'s model; None without ``--resume`` or when "auto" finds nothing."""
+    found = None
+    if resume is not None and d.is_main:
+        found = resolve_resume(resume, results_dir, print)
+        if found is None:
+            print(f"--resume auto: no checkpoint under {results_dir!r}; starting a new run")
+    path = broadcast_object(None if found is None else str(found[1]), d)
+    if path is None:
+        return None
+    ckpt = found[0] if found is not None else load_train_checkpoint(path)
+    check_finite_weights(ckpt["model"], path)
+    saved = DiTConfig.from_dict(ckpt["config"])
+    if saved != config:
+        diff = {f: (getattr(saved, f), getattr(config, f)) for f in saved.to_dict()
+                if getattr(saved, f) != getattr(config, f)}
+        raise ValueError(f"checkpoint {path} is of another model config; differing fields (checkpoint, this run): "
+                         f"{diff}")
+    return ckpt, Path(path)
+
+
+def check_finite_losses(window: list[dict[str, Any]], step: int, saved_step: int | None, ckpt_dir: Path,
+                        d: Dist) -> None:
+    """UserError if a loss of ``window`` (the steps up to ``step`` since the last check, each a dict with "loss" and
+    "lr") is NaN or infinite on any process: the weights diverged, and saving them would push the good checkpoints
+    out, so the run stops without saving."""
+    losses = torch.stack([w["loss"] for w in window]).float().cpu() if window else torch.zeros(0)
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if not all_reduce_max(len(bad), d):
+        return
+    where = (f"at step {step - len(window) + 1 + bad[0]} (loss {losses[bad[0]].item()}, lr {window[bad[0]]['lr']:.2e})"
+             if bad else "on another process")
+    saved = f"the last good checkpoint is step {saved_step} in {ckpt_dir}" if saved_step else "no checkpoint yet"
+    raise UserError(f"training diverged: the loss became non-finite {where}; stopped without saving the diverged "
+                    f"weights ({saved}); lower --lr, or clip with --max-grad-norm")
 
 
 def _ckpt_step(path: Path) -> int:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from dit_fast.data import LABELS_FILE, LATENTS_FILE, META_FILE, ImageFolderDataset, collate
 from dit_fast.files import atomic_write
+from dit_fast.validation import check_output_dir, non_negative_int, positive_int
 
 SCALE_FACTOR = 0.18215
 HF_VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -133,9 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", required=True,
                         help=f"LOCAL folder of a diffusers AutoencoderKL (e.g. {HF_VAE_IDS['ema']} or "
                              f"{HF_VAE_IDS['mse']} downloaded with huggingface-cli)")
-    parser.add_argument("--image-size", type=int, default=256, help="pixel side after the ADM centre crop")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call (each encoded twice)")
-    parser.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes")
+    parser.add_argument("--image-size", type=positive_int, default=256, help="pixel side after the ADM centre crop")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call (each encoded twice)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4, help="data-loading worker processes")
     parser.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
                         help="dtype of the stored mean/std (float16 halves the file; float32 is exact)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -143,11 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Encode ``--data-path`` with the VAE into one memory-mapped latent folder for ``dit-fast train``."""
-    try:
-        vae = VAE(args.vae, device=args.device)
-        out = extract_latents(args.data_path, vae, args.output, args.image_size, batch_size=args.batch_size,
-                              num_workers=args.num_workers, storage_dtype=args.storage_dtype)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError) as e:
-        raise SystemExit(f"dit-fast extract-latents: {e}") from None
+    check_output_dir(args.output, "--output", must_not_exist=True)
+    vae = VAE(args.vae, device=args.device)
+    out = extract_latents(args.data_path, vae, args.output, args.image_size, batch_size=args.batch_size,
+                          num_workers=args.num_workers, storage_dtype=args.storage_dtype)
     print(f"wrote {out} (train with: dit-fast train --data-path {out})")
     return 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._common import interpret_enabled
 from .gated_residual_modulated_layer_norm import (
     gated_residual_modulated_layer_norm,
     gated_residual_modulated_layer_norm_ref,
@@ -96,9 +97,15 @@ def resolve_kernels(name: str, device_type: str) -> str:
     """The kernel set ("triton" or "torch") a forward on ``device_type`` uses for the requested ``name``.
 
     "auto" takes ``$DIT_FAST_KERNELS`` when set (falling back, with one warning, where it cannot run), else "triton"
-    on CUDA with Triton installed and "torch" otherwise. Constant for the compiler.
+    on CUDA with Triton installed and "torch" otherwise. Constant for the compiler. "triton" on CPU tensors runs the
+    ops' PyTorch twins (the Triton interpreter under ``TRITON_INTERPRET=1``); it says so once.
     """
     if name != "auto":
+        if name == "triton" and device_type != "cuda" and not interpret_enabled() and "triton-cpu" not in _warned:
+            _warned.add("triton-cpu")
+            warnings.warn(f"kernels='triton' on {device_type} tensors runs the PyTorch twins of the fused ops (the "
+                          "Triton kernels need CUDA; set TRITON_INTERPRET=1 to run them in the Triton interpreter)",
+                          stacklevel=3)
         return name
     env = default_kernels()
     if env != "auto":

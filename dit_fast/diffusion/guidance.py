@@ -22,6 +22,7 @@ the first half; the output of ``CFGModel`` on x equals the first half of ``forwa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -47,6 +48,8 @@ class CFGModel(nn.Module):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
         if guide_channels != "all" and not (isinstance(guide_channels, int) and guide_channels >= 1):
             raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
         if interval is not None:
