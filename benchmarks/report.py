@@ -414,8 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{path} is not JSON ({e})")
         if not isinstance(run, dict) or not (isinstance(run.get("benchmarks"), list)
                                              or isinstance(run.get("traffic"), dict)):
-            parser.error(f"{path} is neither a pytest-benchmark JSON run (no 'benchmarks' list) nor a "
-                         "`python -m benchmarks.traffic --json` result")
+            parser.error(f"{path} is not a pytest-benchmark JSON run (no 'benchmarks' list), nor a "
+                         "`python -m benchmarks.traffic --json` result (no 'traffic' entry)")
         run.setdefault("benchmarks", [])
         runs.append(run)
     source = args.json[0]
