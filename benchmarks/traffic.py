@@ -458,6 +458,16 @@ def gpu_specs(names: str, device: torch.device) -> list[Any]:
     return specs
 
 
+def matmul_peaks(spec: Any) -> dict[torch.dtype, float]:
+    """A ``GPUSpec`` 's GEMM peaks (TFLOP/s) per operand dtype; fp32 at the TF32 tensor-core peak when
+    ``torch.backends.cuda.matmul.allow_tf32`` is on (as ``dit_fast.hardware.peak_flops`` reads it), else plain FP32."""
+    peaks = dict(spec.peak_tflops)
+    tf32 = getattr(spec, "tf32_tflops", None)
+    if torch.backends.cuda.matmul.allow_tf32 and tf32 and torch.float32 in peaks:
+        peaks[torch.float32] = tf32
+    return peaks
+
+
 def results_dict(config_name: str, device: torch.device, attention: str, traffics: Sequence[Traffic],
                  specs: Sequence[Any] = ()) -> dict[str, Any]:
     """The JSON-able result: the setup, one row per (impl, mode) with ratios to the reference in the same mode,
@@ -473,7 +483,7 @@ def results_dict(config_name: str, device: torch.device, attention: str, traffic
     for spec in specs:
         for tr in traffics:
             roofline.append({"gpu": spec.name, "bandwidth_gbs": spec.bandwidth_gbs, "impl": tr.impl, "mode": tr.mode,
-                             **tr.roofline(spec.bandwidth_gbs, spec.peak_tflops)})
+                             **tr.roofline(spec.bandwidth_gbs, matmul_peaks(spec))})
     batch = traffics[0].batch if traffics else None
     return {"config": config_name, "batch": batch, "device": str(device), "attention": attention,
             "torch": torch.__version__, "rows": rows, "roofline": roofline}

@@ -181,3 +181,16 @@ def test_gathers_read_only_the_rows_they_fetch():
     table, labels = torch.randn(1000, 16), torch.tensor([3, 999])
     (kernel,) = _trace(lambda table, labels: torch.nn.functional.embedding(labels, table), table, labels)
     assert kernel.bytes == 2 * 8 + 2 * (2 * 16 * 4)  # the labels, two rows read, two rows written
+
+
+def test_gpu_specs_come_from_dit_fast_hardware():
+    from dit_fast import hardware
+
+    cpu = torch.device("cpu")
+    specs = traffic.gpu_specs("auto", cpu)  # no CUDA device: the H100 and the H200
+    assert [s.name for s in specs] == [hardware.gpu_spec("H100").name, hardware.gpu_spec("H200").name]
+    assert specs[1].bandwidth_gbs > specs[0].bandwidth_gbs
+    assert traffic.gpu_specs("none", cpu) == []
+    with pytest.raises(ValueError, match="no peak numbers"):
+        traffic.gpu_specs("H100,NoSuchGPU", cpu)
+    assert traffic.matmul_peaks(specs[0])[torch.bfloat16] == specs[0].peak_tflops[torch.bfloat16]
