@@ -503,8 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default="DiT-S/2", help="model config (default DiT-S/2)")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated, from: " + "; ".join(
+        f"{name}: {what}" for name, what in IMPLS.items()) + " (default all)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from: " + "; ".join(
+        f"{name}: {what}" for name, what in MODES.items()) + " (default all)")
     parser.add_argument("--attention", default="auto", help="DiTFast's attention backend (default auto)")
     parser.add_argument("--gpu", default="auto",
                         help="roofline PREDICTION for these GPUs (dit_fast.hardware names, comma-separated), 'auto' "
