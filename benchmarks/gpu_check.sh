@@ -52,7 +52,6 @@ OUT=${OUT:-benchmarks/results/gpu-$STAMP}
 LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/gpu_check.md
 MIN_STEP=10     # a step that would get less than this is skipped
-RESERVE=15      # seconds of the budget every step but the last (the report) leaves for it
 KILL_AFTER=5    # seconds between a step's TERM and KILL
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -65,6 +64,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # instead of 250 (the same per-step rate, and a 2.5x shorter fp32 oracle chain) and no reference+compile (the
 # forward level compares the compiled reference). GPU_CHECK_BENCH_ARGS, added last, overrides any of them.
 T_ENV=20 T_TESTS=75 T_FORWARD=85 T_TRAIN=80 T_KERNELS=60 T_SAMPLING=55 T_TRAFFIC=30 T_REPORT=15
+RESERVE=$T_REPORT  # what every step but the last (the report) leaves of the budget for it
 CASE_SHARE=60   # with pytest-timeout installed, one test or benchmark case may take this % of its step's limit: a
                 # slow case (a cold whole-model compile) fails alone and a level still writes its JSON
 
