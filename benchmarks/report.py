@@ -153,8 +153,9 @@ def _header(run: dict[str, Any]) -> list[str]:
     lines = ["# dit-fast benchmark report", ""]
     cpu = env.get("cpu_model") or (machine.get("cpu") or {}).get("brand_raw") or machine.get("processor") or "?"
     cores = env.get("cpu_count")
-    lines.append(f"- CPU: {cpu}" + (f", {cores} cores" if cores else "")
-                 + (f" ({env['torch_threads']} torch threads)" if env.get("torch_threads") else ""))
+    if machine:  # a traffic result alone names no machine: its section names the device it traced on
+        lines.append(f"- CPU: {cpu}" + (f", {cores} cores" if cores else "")
+                     + (f" ({env['torch_threads']} torch threads)" if env.get("torch_threads") else ""))
     if env.get("gpu"):
         lines.append(f"- GPU: {env['gpu']}, driver {env.get('driver') or '?'}, CUDA {env.get('cuda') or '?'}")
     versions = ", ".join(f"{name} {env[name]}" for name in ("torch", "triton", "diffusers") if env.get(name))
@@ -287,10 +288,11 @@ def markdown_report(run: dict[str, Any], plot_name: str | None = None, plot_note
     absence."""
     rows = load_rows(run)
     lines = _header(run) + [""]
-    lines += _ceiling_lines(run, rows)
-    lines += ["", "Speed-up columns: the baseline's median time / this row's (same group and case; > 1 is faster). "
-              "max_rel_err: max|out - ref| / max|ref| against the fp32 plain reference on the same inputs, with the "
-              "bound the case is held to.", ""]
+    if rows:
+        lines += _ceiling_lines(run, rows)
+        lines += ["", "Speed-up columns: the baseline's median time / this row's (same group and case; > 1 is "
+                  "faster). max_rel_err: max|out - ref| / max|ref| against the fp32 plain reference on the same "
+                  "inputs, with the bound the case is held to.", ""]
     lines += _summary_table(rows)
     for group in dict.fromkeys(r.group for r in rows):
         lines += [f"## {group}", ""] + _group_table([r for r in rows if r.group == group]) + [""]
@@ -366,7 +368,7 @@ def write_report(json_path: Path, markdown_path: Path | None = None,
     title = f"DiT forward on {device.get('gpu') or device.get('cpu_model') or 'this machine'}"
     drawn = plot_scaling(rows, plot_path, _shared_ceiling(run), title)
     note = None
-    if not drawn:
+    if not drawn and rows:
         note = ("No plot: matplotlib is not installed (pip install matplotlib)." if scaling_rows(rows)
                 else "No plot: this run has no scaling cases.")
     if drawn:
