@@ -47,9 +47,9 @@ autocast; ops an op calls internally are not seen):
   kernel (GEMMs and weight casts included); ``non-GEMM bytes`` exclude GEMM operands and weight casts.
 
 On a CPU the DiTFast linears run oneDNN with the bias (and, without gradients, the tanh-GELU) in the GEMM epilogue
-(``dit_fast::onednn_linear``), which the CUDA path does not do in fp32/bf16 (its GELU is a separate kernel there):
+(``dit_fast::onednn_linear``), one GEMM op where a CUDA path that runs the GELU as its own kernel launches two:
 the CPU trace of DiTFast's fp32 and bf16 modes then shows 12 fewer GELU kernels per DiT-S/2 forward, and their bytes,
-than a CUDA trace. Under autocast the CPU path uses ``F.linear`` as CUDA does. Attention kernels differ by device
+than such a CUDA trace. Under autocast the CPU path uses ``F.linear`` as CUDA does. Attention kernels differ by device
 too (SDPA's CPU flash kernel against cuDNN / flash / efficient on CUDA); each is one launch either way.
 
 Roofline (``--gpu``, default: the CUDA device when there is one, else H100 and H200 from ``dit_fast.hardware``):
