@@ -3,6 +3,7 @@
     python -m benchmarks.report RUN.json                    # writes RUN.md and RUN.png next to it
     python -m benchmarks.report RUN.json --markdown out.md --plot out.png
     python -m benchmarks.report A.json B.json --merged ALL.json   # several runs (levels) in one report: ALL.md/png
+    python -m benchmarks.report RUN.json T.json --merged ALL.json  # + the traffic section (benchmarks.traffic --json)
 
 (``pytest benchmarks/ --benchmark-only --benchmark-json=RUN.json`` writes both by itself at the end of the run.)
 
@@ -11,7 +12,9 @@ group: per case and implementation the median time, images/s, achieved GFLOP/s, 
 reference and the compiled reference of the same case, fraction of the matmul ceiling measured in the same run
 (and MFU on a GPU), and the parity error against the fp32 reference with its bound. A summary table gives DiTFast's
 speed-ups, and the plot shows achieved GFLOP/s against each model's Gflops for the scaling sweep, one line per
-implementation. The plot needs matplotlib; without it the report is Markdown only, with a note saying so.
+implementation. The plot needs matplotlib; without it the report is Markdown only, with a note saying so. A run
+that carries a traffic result (merged from ``python -m benchmarks.traffic --json``) gets its section: traffic, GEMM
+work and launches per forward, and the roofline PREDICTION.
 
 The report reads the ``extra_info`` keys documented in ``benchmarks/common.py``; cases that lack some (a new
 benchmark file) still get a row, with "-" where a value is unknown.
@@ -150,8 +153,9 @@ def _header(run: dict[str, Any]) -> list[str]:
     lines = ["# dit-fast benchmark report", ""]
     cpu = env.get("cpu_model") or (machine.get("cpu") or {}).get("brand_raw") or machine.get("processor") or "?"
     cores = env.get("cpu_count")
-    lines.append(f"- CPU: {cpu}" + (f", {cores} cores" if cores else "")
-                 + (f" ({env['torch_threads']} torch threads)" if env.get("torch_threads") else ""))
+    if machine:  # a traffic result alone names no machine: its section names the device it traced on
+        lines.append(f"- CPU: {cpu}" + (f", {cores} cores" if cores else "")
+                     + (f" ({env['torch_threads']} torch threads)" if env.get("torch_threads") else ""))
     if env.get("gpu"):
         lines.append(f"- GPU: {env['gpu']}, driver {env.get('driver') or '?'}, CUDA {env.get('cuda') or '?'}")
     versions = ", ".join(f"{name} {env[name]}" for name in ("torch", "triton", "diffusers") if env.get(name))
@@ -233,18 +237,67 @@ def _summary_table(rows: list[Row]) -> list[str]:
     return ["## Summary: DiTFast speed-ups", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines, ""]
 
 
+def _fmt_us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:,.1f} us"
+
+
+def traffic_section(traffic: dict[str, Any]) -> list[str]:
+    """Markdown of a ``python -m benchmarks.traffic`` result (its ``--json`` file's "traffic" entry): the traffic
+    and launch table, then the roofline PREDICTION per GPU when it has one."""
+    lines = [
+        f"## Traffic and launches per forward ({traffic.get('config', '?')}, batch {traffic.get('batch', '?')})", "",
+        f"Dispatch-level trace of one inference forward on {traffic.get('device', '?')} (torch "
+        f"{traffic.get('torch', '?')}, attention {traffic.get('attention', '?')}) by `python -m benchmarks.traffic`: "
+        "one dispatched op = one kernel launch, bytes = its distinct tensor inputs + outputs, views free; GEMMs and "
+        "attention counted as GEMM flops with their operand bytes apart; weight casts apart. Ratios are against the "
+        "reference in the same mode.", "",
+    ]
+    head = ["impl", "mode", "launches", "GEMM launches", "weight-cast launches", "non-GEMM MB/img", "x reference",
+            "launches x reference", "GEMM operand MB/img", "weight-cast MB/img", "GEMM GFLOP/img"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in traffic.get("rows", []):
+        lines.append("| " + " | ".join([
+            str(r["impl"]), str(r["mode"]), str(r["launches"]), str(r["gemm_launches"]),
+            str(r["weight_cast_launches"]), _fmt(_float(r.get("non_gemm_mb_per_image")), ".2f"),
+            _fmt(_float(r.get("non_gemm_vs_reference")), ".2f", "x"),
+            _fmt(_float(r.get("launches_vs_reference")), ".2f", "x"), _fmt(_float(r.get("gemm_mb_per_image")), ".2f"),
+            _fmt(_float(r.get("weight_cast_mb_per_image")), ".2f"), _fmt(_float(r.get("gemm_gflop_per_image")), ".3f"),
+        ]) + " |")
+    roofline = traffic.get("roofline") or []
+    if roofline:
+        lines += [
+            "", "### Roofline: a PREDICTION from peak numbers, not a measurement", "",
+            "Per forward, at the GPU's peak bandwidth and peak flops (`dit_fast.hardware`): memory-bound lower bound "
+            "= all traced bytes / bandwidth (and the non-GEMM bytes alone); compute bound = GEMM flops / peak; "
+            "PREDICTION = sum over kernels of max(bytes / bandwidth, flops / peak), launch latency not included.", "",
+        ]
+        head = ["GPU", "impl", "mode", "memory-bound lower bound", "non-GEMM part", "compute bound",
+                "roofline PREDICTION"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in roofline:
+            lines.append("| " + " | ".join([
+                f"{r['gpu']} ({r['bandwidth_gbs']:,.0f} GB/s)", str(r["impl"]), str(r["mode"]),
+                _fmt_us(_float(r.get("memory_bound_s"))), _fmt_us(_float(r.get("non_gemm_memory_bound_s"))),
+                _fmt_us(_float(r.get("compute_bound_s"))), _fmt_us(_float(r.get("roofline_prediction_s"))),
+            ]) + " |")
+    return lines + [""]
+
+
 def markdown_report(run: dict[str, Any], plot_name: str | None = None, plot_note: str | None = None) -> str:
     """The whole report as Markdown; ``plot_name`` (relative path) embeds the plot, ``plot_note`` explains its
     absence."""
     rows = load_rows(run)
     lines = _header(run) + [""]
-    lines += _ceiling_lines(run, rows)
-    lines += ["", "Speed-up columns: the baseline's median time / this row's (same group and case; > 1 is faster). "
-              "max_rel_err: max|out - ref| / max|ref| against the fp32 plain reference on the same inputs, with the "
-              "bound the case is held to.", ""]
+    if rows:
+        lines += _ceiling_lines(run, rows)
+        lines += ["", "Speed-up columns: the baseline's median time / this row's (same group and case; > 1 is "
+                  "faster). max_rel_err: max|out - ref| / max|ref| against the fp32 plain reference on the same "
+                  "inputs, with the bound the case is held to.", ""]
     lines += _summary_table(rows)
     for group in dict.fromkeys(r.group for r in rows):
         lines += [f"## {group}", ""] + _group_table([r for r in rows if r.group == group]) + [""]
+    if run.get("traffic"):
+        lines += traffic_section(run["traffic"])
     failed = [r for r in rows if r.parity_ok is False]
     if failed:
         lines += ["## Parity failures", ""] + [f"- {r.group} / {r.case} / {r.impl}: max_rel_err "
@@ -315,7 +368,7 @@ def write_report(json_path: Path, markdown_path: Path | None = None,
     title = f"DiT forward on {device.get('gpu') or device.get('cpu_model') or 'this machine'}"
     drawn = plot_scaling(rows, plot_path, _shared_ceiling(run), title)
     note = None
-    if not drawn:
+    if not drawn and rows:
         note = ("No plot: matplotlib is not installed (pip install matplotlib)." if scaling_rows(rows)
                 else "No plot: this run has no scaling cases.")
     if drawn:
@@ -330,16 +383,21 @@ def write_report(json_path: Path, markdown_path: Path | None = None,
 
 
 def merge_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One run holding every run's benchmarks (machine, commit and date of the first)."""
-    merged = dict(runs[0])
+    """One run holding every run's benchmarks (machine, commit and date of the first run that has benchmarks) and
+    the last traffic result (``python -m benchmarks.traffic --json``) among them."""
+    merged = dict(next((run for run in runs if run.get("benchmarks")), runs[0]))
     merged["benchmarks"] = [bench for run in runs for bench in run.get("benchmarks", [])]
+    traffic = [run["traffic"] for run in runs if run.get("traffic")]
+    if traffic:
+        merged["traffic"] = traffic[-1]
     return merged
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path, nargs="+",
-                        help="pytest-benchmark JSON file(s) (--benchmark-json=RUN.json); several need --merged")
+                        help="pytest-benchmark JSON file(s) (--benchmark-json=RUN.json), and optionally a traffic "
+                             "result (python -m benchmarks.traffic --json T.json); several need --merged")
     parser.add_argument("--merged", type=Path, default=None,
                         help="write the inputs' benchmarks merged into this JSON and report on it (e.g. one file per "
                              "benchmark level, as benchmarks/gpu_check.sh runs them)")
@@ -356,8 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             parser.error(f"{path} is not JSON ({e})")
-        if not isinstance(run, dict) or not isinstance(run.get("benchmarks"), list):
-            parser.error(f"{path} is not a pytest-benchmark JSON run (no 'benchmarks' list)")
+        if not isinstance(run, dict) or not (isinstance(run.get("benchmarks"), list)
+                                             or isinstance(run.get("traffic"), dict)):
+            parser.error(f"{path} is not a pytest-benchmark JSON run (no 'benchmarks' list), nor a "
+                         "`python -m benchmarks.traffic --json` result (no 'traffic' entry)")
+        run.setdefault("benchmarks", [])
         runs.append(run)
     source = args.json[0]
     if args.merged is not None:

@@ -1,6 +1,7 @@
 """Processes: joining the ``torchrun`` process group, this process's place in it, the few collectives the scripts
-need (a mean or maximum over ranks, an object from rank 0, gathering objects, a barrier), and ``StopSignals``, which
-turns Ctrl-C and SIGTERM into a request that every process sees at the same training step.
+need (a mean or maximum over ranks, an object from rank 0, gathering objects, a barrier), ``StopSignals``, which
+turns Ctrl-C and SIGTERM into a request that every process sees at the same training step, and preparing a
+model's blocks for sharded training (``compile_blocks`` then ``shard_blocks``).
 
 Every helper is a no-op in a single process, so training and sampling call them unconditionally. Launched by
 ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set), ``setup_distributed`` joins with nccl on GPUs and gloo on
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 
 @dataclass(frozen=True)
@@ -147,3 +150,43 @@ class StopSignals:
         if d.enabled:
             self.signum = all_reduce_max(self.signum or 0, d) or None
         return self.signum is not None
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """``torch.compile`` every block of ``model.blocks`` in place (``fullgraph=True``, ``dynamic=False``, plus
+    ``compile_kwargs``) and return ``model``: regional compilation, the blocks share their compiled graphs.
+
+    For FSDP2 call it before ``shard_blocks`` (torchtitan's order): each block is compiled as the plain module it is,
+    and ``fully_shard`` then wraps the compiled block, its all-gather and reduce-scatter around that one graph.
+    """
+    for block in model.blocks:
+        block.compile(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
+    return model
+
+
+def shard_blocks(model: nn.Module) -> nn.Module:
+    """FSDP2 (``fully_shard``) in place, one unit per block of ``model.blocks`` and one for the rest; returns it."""
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def compile_and_shard(model: nn.Module, ema: nn.Module | None = None, *, compile: bool, fsdp: bool,
+                      **compile_kwargs: Any) -> None:
+    """Prepare a DiT (and its EMA copy) for training, in place.
+
+    ``compile`` alone: ``model.compile(**compile_kwargs)`` (DiTFast compiles its blocks, the reference whole). With
+    ``fsdp``: the blocks are compiled first (``compile_blocks``), then ``model`` and ``ema`` are sharded
+    (``shard_blocks``): compile before ``fully_shard``, as torchtitan does. The EMA copy is never compiled.
+    """
+    if fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp needs several processes (launch with torchrun)")
+    if compile:
+        if fsdp:
+            compile_blocks(model, **compile_kwargs)
+        else:
+            model.compile(**compile_kwargs)
+    if fsdp:
+        for m in (model,) if ema is None else (model, ema):
+            shard_blocks(m)

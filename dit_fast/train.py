@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from dit_fast.config import DiTConfig, gflops
@@ -53,7 +52,15 @@ from dit_fast.data import (
     sample_latents,
 )
 from dit_fast.diffusion import create_diffusion
-from dit_fast.distributed import Dist, StopSignals, all_reduce_mean, broadcast_object, cleanup, setup_distributed
+from dit_fast.distributed import (
+    Dist,
+    StopSignals,
+    all_reduce_mean,
+    broadcast_object,
+    cleanup,
+    compile_and_shard,
+    setup_distributed,
+)
 from dit_fast.files import atomic_save
 from dit_fast.hardware import peak_flops
 from dit_fast.metrics import evaluate_digits_model
@@ -246,15 +253,7 @@ class Trainer:
         seed_everything(cfg.global_seed * d.world_size + d.rank)  # per-rank seed, as the official script
         self.params = sum(p.numel() for p in model.parameters())
         model.gradient_checkpointing = cfg.grad_checkpointing
-        if cfg.fsdp:
-            if not d.enabled:
-                raise ValueError("--fsdp needs several processes (launch with torchrun)")
-            for m in (model, ema):
-                for block in m.blocks:
-                    fully_shard(block)
-                fully_shard(m)
-        if cfg.compile:
-            model.compile()
+        compile_and_shard(model, ema, compile=cfg.compile, fsdp=cfg.fsdp)  # FSDP: blocks compiled, then sharded
         if d.enabled and not cfg.fsdp:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if
                                                         d.device.type == "cuda" else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,22 +157,46 @@ def test_settings_defaults_and_errors():
             BenchSettings.from_options(device="cuda")
 
 
-def test_gpu_check_script_parses_and_dry_runs(tmp_path):
-    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+def _dry_run_plan(tmp_path, *args: str, **env: str) -> tuple[list[tuple[str, int, str]], str]:
+    """gpu_check.sh's dry run: its (step, limit, command) lines and its whole output."""
     out = tmp_path / "out"
-    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(out), PYTHON="python-for-test")
-    result = subprocess.run(["bash", str(GPU_CHECK)], env=env, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(["bash", str(GPU_CHECK), *args], env=dict(os.environ, OUT=str(out),
+                            PYTHON="python-for-test", **env), capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    steps = {line.split(":")[0].removeprefix("[dry-run] ") for line in lines if "timeout" in line}
-    assert steps == {"install", "compile_check", "tests", "bench kernels", "bench scaling", "bench model-forward",
-                     "bench model-train", "bench sampling", "report"}
-    assert all("python-for-test" in line for line in lines if "timeout" in line)
-    assert any("pytest tests/" in line and "-k cuda\\ or\\ gpu" in line for line in lines)
-    assert any("test_bench_sampling.py" in line and "--dit-device cuda" in line and "--benchmark-json=" in line
-               for line in lines)
-    assert any("--merged " + str(out / "bench_gpu.json") in line for line in lines)
     assert not out.exists()  # a dry run writes nothing
+    plan = []
+    for line in result.stdout.splitlines():
+        match = re.match(r"\[dry-run\] (.+?): timeout (\d+)s (.*)$", line)
+        if match:
+            plan.append((match[1], int(match[2]), match[3]))
+    return plan, result.stdout
+
+
+def test_gpu_check_dry_run_fits_the_one_shot_in_order(tmp_path):
+    """The plan fits a lent GPU machine's one shot (<= 420 s of step limits) and runs the levels in order."""
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    plan, stdout = _dry_run_plan(tmp_path, "--dry-run")
+    steps = [name for name, _, _ in plan]
+    total = sum(limit for _, limit, _ in plan)
+    assert total <= 420, plan
+    assert f"plan total: {total}s" in stdout
+    assert steps == ["env", "tests", "bench forward", "bench train", "bench kernels", "bench sampling", "traffic",
+                     "report"]
+    assert not any("compile_check" in cmd or "pip install" in cmd for _, _, cmd in plan)  # no GPU needed: CI runs it
+    commands = dict((name, cmd) for name, _, cmd in plan)
+    assert all(cmd.startswith("python-for-test ") for cmd in commands.values())
+    tests = commands["tests"].split()
+    test_files = [word for word in tests if word.startswith("tests/")]
+    assert test_files and all(word.endswith(".py") and (ROOT / word).is_file() for word in test_files)
+    for level in ("forward", "train", "kernels", "sampling"):
+        assert "--dit-device cuda" in commands[f"bench {level}"] and f"{level}.json" in commands[f"bench {level}"]
+    assert "test_bench_attention.py" in commands["bench kernels"]
+    assert "--json " + str(tmp_path / "out" / "traffic.json") in commands["traffic"]
+    # the environment variable spelling of the dry run plans the same steps
+    assert [name for name, _, _ in _dry_run_plan(tmp_path, GPU_CHECK_DRY_RUN="1")[0]] == steps
+    # a smaller budget caps the later steps, never exceeding it
+    small, _ = _dry_run_plan(tmp_path, "--dry-run", GPU_CHECK_BUDGET="100")
+    assert sum(limit for _, limit, _ in small) <= 100 and [n for n, _, _ in small][:2] == ["env", "tests"]
 
 
 def test_tiny_real_run_writes_json_and_report(tmp_path):

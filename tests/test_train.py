@@ -1,7 +1,9 @@
-"""Training: exact resume after SIGKILL (with a corrupt newest checkpoint), 1 vs 2 processes, smoke run, errors."""
+"""Training: exact resume after SIGKILL (with a corrupt newest checkpoint), 1 vs 2 processes (DDP, FSDP2, FSDP2 +
+compile), compile-then-shard, smoke run, errors."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import re
@@ -13,9 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch._dynamo.utils import counters
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from dit_fast.cli import main as cli_main
-from dit_fast.train import atomic_save, list_checkpoints, load_train_checkpoint, resolve_resume
+from dit_fast.config import DiTConfig
+from dit_fast.distributed import compile_and_shard
+from dit_fast.train import atomic_save, build_model, list_checkpoints, load_train_checkpoint, resolve_resume
 from tests.helpers import assert_close
 
 TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--impl", "reference", "--no-eval",
@@ -85,20 +93,66 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
             assert torch.equal(t, b["opt"]["state"][k][name]), f"optimizer {k}.{name} differs"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    """torchrun (gloo) with 2 processes x 4 samples, DDP and FSDP2, = 1 process x 8 samples: same data and draws."""
+    """torchrun (gloo) with 2 processes x 4 samples, DDP, FSDP2 and FSDP2 + compile (inductor), = 1 process x 8
+    samples, eager: same data and draws."""
     args = ["--max-steps", "3", "--global-batch-size", "8", "--ckpt-every", "1000", "--global-seed", "5"]
     one = subprocess.run(_train_cmd(tmp_path / "one", *args), env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     reference = _final(tmp_path / "one")
-    for mode, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+    # fp32 all-reduce / reduce-scatter rounding only; compiled kernels also reorder reductions
+    for mode, extra, atol in (("ddp", [], 1e-5), ("fsdp", ["--fsdp"], 1e-5),
+                              ("fsdp-compile", ["--fsdp", "--compile"], 1e-4)):
         two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               "-m", "dit_fast.cli", "train", "--results-dir", str(tmp_path / mode), *TINY, *args,
-                              *extra], env=ENV, capture_output=True, text=True, timeout=300)
+                              *extra], env=ENV, capture_output=True, text=True, timeout=600)
         assert two.returncode == 0, two.stdout + two.stderr
         b = _final(tmp_path / mode)
         assert b["world_size"] == 2 and len(b["rng"]) == 2
-        _assert_same_state(reference, b, atol=1e-5)  # fp32 all-reduce / reduce-scatter rounding only
+        _assert_same_state(reference, b, atol=atol)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_fsdp_compile_compiles_blocks_then_shards(tmp_path, impl):
+    """``--fsdp --compile``'s preparation in one gloo process: every block compiled in place, then sharded (FSDP2
+    wraps the compiled blocks, torchtitan's order); the blocks share one graph per block signature with no graph
+    break and no recompilation over steps, and training matches the eager, unsharded model."""
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
+                       num_classes=7)
+    torch.manual_seed(0)
+    model = build_model(config, impl)
+    with torch.no_grad():  # the adaLN-Zero init makes every block's contribution, and most gradients, zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eager = copy.deepcopy(model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_and_shard(model, ema, compile=True, fsdp=True, backend="aot_eager")
+        for m in (model, ema):
+            assert isinstance(m, FSDPModule) and all(isinstance(b, FSDPModule) for b in m.blocks)
+            assert all(isinstance(p, DTensor) for p in m.parameters())
+        assert all(b._compiled_call_impl is not None for b in model.blocks)
+        assert all(b._compiled_call_impl is None for b in ema.blocks)  # the EMA copy is never compiled
+        x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 998]), torch.tensor([1, 6])
+        opt, opt_eager = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager))
+        graphs = []
+        for _ in range(3):
+            for m, o in ((model, opt), (eager, opt_eager)):
+                o.zero_grad()
+                m(x, t, y).square().mean().backward()
+                o.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs == [1 if impl == "reference" else 2] * 3, graphs  # DiTFast's block 0 takes no residual
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+            assert_close(p.full_tensor(), q, atol=1e-5, rtol=1e-5, name=name)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
 
 
 def test_digits_smoke_run_writes_grid_and_metrics(tmp_path, capsys):
