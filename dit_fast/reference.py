@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dit_fast.config import CONFIGS, DiTConfig
+from dit_fast.diffusion.guidance import guided_forward
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -282,15 +283,17 @@ class DiT(nn.Module):
         return self.unpatchify(x)  # (N, out, H, W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         guide_channels: int | str = 3) -> torch.Tensor:
+                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
         """Classifier-free guidance in one batched forward, with the official semantics.
 
         The batch is ``[cond; uncond]``: the first half of ``x`` is used for both halves (y holds the real labels,
         then the null class). ``guide_channels=3`` (default) guides output channels 0..2 as the official code
         does for exact FID reproduction; ``"all"`` guides every eps channel. Channels beyond (the learned
-        variance) are never guided, and never more than ``in_channels`` channels are.
+        variance) are never guided, and never more than ``in_channels`` channels are. ``interval=(lo, hi)``
+        guides only at original timesteps lo <= t <= hi (the conditional output elsewhere). See
+        ``dit_fast.diffusion.guidance.guided_forward``.
         """
-        return guided_forward(self.forward, x, t, y, cfg_scale, guide_channels, self.in_channels)
+        return guided_forward(self.forward, x, t, y, cfg_scale, guide_channels, self.in_channels, interval)
 
 
 def init_dit_weights(model: nn.Module) -> None:
@@ -365,27 +368,6 @@ def _describe(v: Any) -> str:
     if isinstance(v, torch.Tensor):
         return f"a tensor of shape {tuple(v.shape)} and dtype {v.dtype}"
     return f"{type(v).__name__}"
-
-
-def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                   cfg_scale: float, guide_channels: int | str, in_channels: int) -> torch.Tensor:
-    """``forward_with_cfg`` for any ``forward(x, t, y)``: guide the first ``guide_channels`` output channels."""
-    if x.shape[0] % 2:
-        raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")
-    if guide_channels == "all":
-        n_guided = in_channels
-    elif isinstance(guide_channels, int) and guide_channels >= 1:
-        n_guided = min(guide_channels, in_channels)
-    else:
-        raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
-    half = x[: len(x) // 2]
-    combined = torch.cat([half, half], dim=0)
-    model_out = forward(combined, t, y)
-    eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
-    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-    eps = torch.cat([half_eps, half_eps], dim=0)
-    return torch.cat([eps, rest], dim=1)
 
 
 def model_constructors(cls: type[nn.Module]) -> dict[str, Callable[..., Any]]:
