@@ -9,8 +9,10 @@ attention and MLP GEMMs, the bulk of the work, are skipped. Policies (``parse_ca
 - ``FixedInterval(n)``, ``"fora:N"`` (FORA, Selvaraju et al. 2024): a full step every N steps, the branch outputs
   reused unchanged in between.
 - ``TaylorForecast(n, order)``, ``"taylor:N:O"`` (TaylorSeer, Liu et al. 2025): a full step every N steps; in
-  between each branch output is forecast by a Taylor expansion of order O (1 or 2) whose derivatives are finite
-  differences of the last full steps (order 0 until enough full steps exist).
+  between each branch output is forecast by a Taylor expansion of order O (1 or 2) in the step count whose
+  derivatives are finite differences of the last O + 1 full steps (in Newton's backward-difference form, so the
+  forecast is exact for features that are polynomials of order O in the step; lower orders until enough full
+  steps exist).
 - ``Adaptive(threshold, max_reuse)``, ``"adaptive:T[:M]"`` (TeaCache / first-block cache, Liu et al. 2024): the
   probe is the first block's attention input (the timestep-modulated normalised tokens, computed on every step
   anyway); a full step runs when its mean absolute relative change since the last full step reaches T, or after
@@ -317,8 +319,8 @@ class StepCache:
             return terms[0]
         k = float(self._since_full)
         out = terms[0].add(terms[1], alpha=k)
-        if len(terms) > 2:
-            out.add_(terms[2], alpha=k * k / 2)
+        if len(terms) > 2:  # Newton's backward-difference form: exact for quadratics at a steady full-step gap
+            out.add_(terms[2], alpha=k * (k + self._gap) / 2)
         return out.to(self._dtypes[index])
 
     def summary(self) -> str:
