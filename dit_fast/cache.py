@@ -17,8 +17,10 @@ attention and MLP GEMMs, the bulk of the work, are skipped. Policies (``parse_ca
   probe is the first block's attention input (the timestep-modulated normalised tokens, computed on every step
   anyway); a full step runs when its mean absolute relative change since the last full step reaches T, or after
   M cached steps in a row; otherwise branch outputs are reused. Reading the change costs one device sync a step.
-- ``"auto"``: ``AUTO_SPEC``, the setting measured best on the built-in digits model (``benchmarks/results/
-  cache_frontier.md``): the largest saving with no visible quality loss.
+- ``"auto"``: the setting measured best on the built-in digits model (``benchmarks/results/cache_frontier.md``),
+  the largest saving with no visible quality loss: ``AUTO_SPEC`` ("fora:3") for samplers of at least
+  ``AUTO_MIN_STEPS`` network calls (DDPM-250, DDIM-50), ``AUTO_SPEC_FEW_STEPS`` ("adaptive:0.15:4") for fewer
+  (DPM-Solver++-20), where every step moves further and fixed reuse costs quality.
 
 Use ``step_cache(model, policy)`` around one sampling run of a ``DiT`` or ``DiTFast``; it works with every sampler
 (DDPM, DDIM, DPM-Solver++), any batch size, and classifier-free guidance through ``forward_with_cfg``: the cached
@@ -45,7 +47,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "AUTO_MIN_STEPS",
     "AUTO_SPEC",
+    "AUTO_SPEC_FEW_STEPS",
     "Adaptive",
     "CachePolicy",
     "FixedInterval",
@@ -56,7 +60,10 @@ __all__ = [
 ]
 
 AUTO_SPEC = "fora:3"
-"""The policy ``--cache auto`` selects: measured on the built-in digits model (see the module docstring)."""
+"""The policy ``--cache auto`` selects for samplers of ``AUTO_MIN_STEPS`` steps or more (see the module docstring)."""
+AUTO_SPEC_FEW_STEPS = "adaptive:0.15:4"
+"""The policy ``--cache auto`` selects for samplers of fewer steps."""
+AUTO_MIN_STEPS = 50
 
 
 class CachePolicy:
@@ -144,15 +151,17 @@ class Adaptive(CachePolicy):
         return f"adaptive:{self.threshold:g}:{self.max_reuse}"
 
 
-CACHE_SPEC_HELP = ("none (default), auto (the measured recommended policy, " + AUTO_SPEC + "), fora:N (reuse every "
+CACHE_SPEC_HELP = ("none (default), auto (the measured recommended policy: " + AUTO_SPEC + " for samplers of >= "
+                   + str(AUTO_MIN_STEPS) + " steps, else " + AUTO_SPEC_FEW_STEPS + "), fora:N (reuse every "
                    "block's attention/MLP outputs for N-1 of every N steps), taylor:N:O (forecast them with an "
                    "order-O Taylor series, O = 1 or 2), adaptive:T[:M] (recompute when the first block's input "
                    "changed by T since the last full step, or after M cached steps; default M 4)")
 
 
-def parse_cache(spec: str | CachePolicy | None) -> CachePolicy | None:
+def parse_cache(spec: str | CachePolicy | None, num_steps: int | None = None) -> CachePolicy | None:
     """A policy from its string form (see ``CACHE_SPEC_HELP``); None for "none". Policies pass through.
 
+    ``num_steps`` (the sampler's network calls per sample) selects what "auto" means; None counts as many.
     Raises ValueError naming the problem for a malformed spec.
     """
     if spec is None or isinstance(spec, CachePolicy):
@@ -163,7 +172,7 @@ def parse_cache(spec: str | CachePolicy | None) -> CachePolicy | None:
     if text in ("", "none", "off"):
         return None
     if text == "auto":
-        text = AUTO_SPEC
+        text = AUTO_SPEC if num_steps is None or num_steps >= AUTO_MIN_STEPS else AUTO_SPEC_FEW_STEPS
     name, *args = text.split(":")
 
     def number(value: str, kind: type, what: str) -> Any:
@@ -193,9 +202,11 @@ def parse_cache(spec: str | CachePolicy | None) -> CachePolicy | None:
 class StepCache:
     """One sampling run's cache on a DiT's blocks (use ``step_cache``).
 
-    While installed, each block's ``attn`` and ``mlp`` modules answer through the cache: the first block's
-    attention call starts a step and asks the policy whether it is a full step. Full steps compute and record
-    every branch output; cached steps return the recorded (order 0) or forecast outputs.
+    While installed, every block and its ``attn`` and ``mlp`` modules answer through the cache: the first block's
+    call (or, for a policy with a probe, its attention call) starts a step and asks the policy whether it is a
+    full step. Full steps compute and record every branch output; on cached steps each block runs its
+    ``forward_from_branches`` on the recorded (order 0) or forecast outputs (a block without that method runs
+    its own forward, whose ``attn`` and ``mlp`` then return them).
 
     Attributes: ``full_steps`` and ``cached_steps`` (counts so far), ``decisions`` (one bool per step, True for
     full), ``policy``.
@@ -219,7 +230,7 @@ class StepCache:
         self.full_steps = 0
         self.cached_steps = 0
         self.decisions: list[bool] = []
-        self._saved: list[Any] = []
+        self._saved: list[tuple[nn.Module, Any]] = []  # (module, its instance forward before install or None)
         self.reset()
 
     def reset(self) -> None:
@@ -235,26 +246,48 @@ class StepCache:
     # ------------------------------------------------------------------ installation
 
     def install(self) -> None:
-        """Route every block's ``attn`` and ``mlp`` through the cache (instance ``forward`` overrides: the module
-        tree, parameters and state dict stay as they are)."""
+        """Route every block, its ``attn`` and its ``mlp`` through the cache (instance ``forward`` overrides: the
+        module tree, parameters and state dict stay as they are)."""
         if self._saved:
             raise RuntimeError("this StepCache is already installed")
+        blocks = self.model.blocks
         for index, module in enumerate(self.branches):
-            self._saved.append(module.__dict__.get("forward"))
+            self._saved.append((module, module.__dict__.get("forward")))
             module.forward = self._branch_forward(index, module.forward)
+        for index, block in enumerate(blocks):
+            self._saved.append((block, block.__dict__.get("forward")))
+            block.forward = self._block_forward(index, block.forward, getattr(block, "forward_from_branches", None))
 
     def remove(self) -> None:
         """Restore the modules' own ``forward``."""
-        for module, saved in zip(self.branches, self._saved, strict=False):
+        for module, saved in self._saved:
             del module.forward
             if saved is not None:
                 module.forward = saved
         self._saved = []
 
+    def _block_forward(self, index: int, compute: Callable[..., Any], from_branches: Callable[..., Any] | None
+                       ) -> Callable[..., Any]:
+        """Block ``index``'s forward: on cached steps its ``forward_from_branches`` (no norms, attention or MLP),
+        when it has one; the block's own forward otherwise (whose branches then answer from the cache)."""
+        decides = index == 0 and not self.policy.needs_probe  # else the first attention call decides
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if decides:
+                self._begin_step(x)
+            if self._full or from_branches is None or (index == 0 and self.policy.needs_probe):
+                return compute(x, *args, **kwargs)
+            return from_branches(x, *args, attn_out=self._predict(2 * index), mlp_out=self._predict(2 * index + 1),
+                                 **kwargs)
+
+        return forward
+
     def _branch_forward(self, index: int, compute: Callable[[torch.Tensor], torch.Tensor]
                         ) -> Callable[[torch.Tensor], torch.Tensor]:
+        probes = index == 0 and self.policy.needs_probe
+
         def forward(h: torch.Tensor) -> torch.Tensor:  # h: (N, T, D) -> (N, T, D)
-            if index == 0:
+            if probes:
                 self._begin_step(h)
             if self._full:
                 out = compute(h)
@@ -267,7 +300,8 @@ class StepCache:
     # ------------------------------------------------------------------ per step
 
     def _begin_step(self, probe: torch.Tensor) -> None:
-        """Start a step: decide full or cached from the policy (and the probe, the first attention input)."""
+        """Start a step: decide full or cached from the policy and, for a policy that needs one, the probe (the
+        first attention input; else the first block's input, which only sets the batch layout)."""
         layout = (tuple(probe.shape), probe.dtype, probe.device)
         if layout != self._layout:
             self.reset()
@@ -331,11 +365,12 @@ class StepCache:
 
 
 @contextlib.contextmanager
-def step_cache(model: nn.Module, policy: str | CachePolicy | None) -> Iterator[StepCache | None]:
+def step_cache(model: nn.Module, policy: str | CachePolicy | None, num_steps: int | None = None
+               ) -> Iterator[StepCache | None]:
     """Cache the blocks of ``model`` (a DiT or DiTFast) for one sampling run under ``policy`` (a ``CachePolicy``,
-    a spec string for ``parse_cache``, or None/"none": nothing is installed, yields None). The features live only
-    inside the ``with`` block: open one per sampling run (each batch)."""
-    policy = parse_cache(policy)
+    a spec string for ``parse_cache`` with the run's ``num_steps``, or None/"none": nothing is installed, yields
+    None). The features live only inside the ``with`` block: open one per sampling run (each batch)."""
+    policy = parse_cache(policy, num_steps)
     if policy is None:
         yield None
         return

@@ -165,6 +165,20 @@ class DiTFastBlock(reference.DiTBlock):
                                                        self.norm2.eps)
         return x, gate_mlp, self.mlp(h)
 
+    def forward_from_branches(self, x: torch.Tensor, silu_c: torch.Tensor, gate: torch.Tensor | None = None,
+                              branch: torch.Tensor | None = None, mod: torch.Tensor | None = None, *,
+                              attn_out: torch.Tensor, mlp_out: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` with the attention and MLP outputs given, (N, T, D) each (step caching, ``dit_fast.cache``):
+        no norm, attention or MLP runs, only the adaLN gates and the pending and attention residuals."""
+        if mod is None:
+            linear = self.adaLN_modulation[1]
+            mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 6D)
+        _, _, gate_msa, _, _, gate_mlp = mod.to(x.dtype).chunk(6, dim=1)
+        if branch is not None:
+            x = torch.addcmul(x, gate.to(x.dtype).unsqueeze(1), branch.to(x.dtype))  # (N, T, D)
+        return torch.addcmul(x, gate_msa.unsqueeze(1), attn_out.to(x.dtype)), gate_mlp, mlp_out
+
 
 class FinalLayer(reference.FinalLayer):
     """The last block's MLP residual fused with the final adaLN LayerNorm, then Linear(D, p*p*out)."""

@@ -173,6 +173,14 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # (N, T, D)
 
+    def forward_from_branches(self, x: torch.Tensor, c: torch.Tensor, *, attn_out: torch.Tensor,
+                              mlp_out: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the attention and MLP outputs given, (N, T, D) each (step caching, ``dit_fast.cache``):
+        only the adaLN gates of c (N, D) and the two gated residuals are computed."""
+        _, _, gate_msa, _, _, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * attn_out
+        return x + gate_mlp.unsqueeze(1) * mlp_out  # (N, T, D)
+
 
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm then a linear map of each token to its p*p*out patch values."""

@@ -8,6 +8,7 @@ import torch
 
 from dit_fast.cache import (
     AUTO_SPEC,
+    AUTO_SPEC_FEW_STEPS,
     Adaptive,
     FixedInterval,
     StepCache,
@@ -134,7 +135,7 @@ def test_guidance_caches_per_half_and_interval_restarts():
     torch.testing.assert_close(part, whole[:2], atol=1e-6, rtol=1e-5)
     # DDIM-10 visits original steps 999, 888, ..., 0; guidance on 400..700 covers three of them (666, 555, 444)
     sizes = []
-    hook = model.blocks[0].attn.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    hook = model.blocks[0].register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
     stats: dict[str, int] = {}
     with torch.no_grad():
         sample_batch(model, noise, labels, cache="fora:4", interval=(400, 700), cache_stats=stats, **kw)
@@ -151,7 +152,8 @@ def test_any_batch_size_and_dit_fast_guided_path():
 
 def test_parse_cache():
     assert parse_cache("none") is None and parse_cache(None) is None
-    assert parse_cache("auto") == parse_cache(AUTO_SPEC)
+    assert parse_cache("auto") == parse_cache("auto", 250) == parse_cache(AUTO_SPEC)
+    assert parse_cache("auto", 20) == parse_cache(AUTO_SPEC_FEW_STEPS)
     assert parse_cache("fora:3") == FixedInterval(3)
     assert parse_cache("taylor:4:2") == TaylorForecast(4, 2)
     assert parse_cache("taylor:4") == TaylorForecast(4, 1)
