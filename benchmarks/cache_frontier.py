@@ -13,16 +13,18 @@ trains nothing. Written next to ``--out`` (default ``benchmarks/results/cache_fr
 - ``OUT.png``: Fréchet distance and accuracy against the wall-time speed-up, one panel per sampler and guidance
   (needs matplotlib; skipped with a note without it).
 
-Wall time is one whole ``dit_fast.sample.generate`` call (noise, sampling loop, network) on ``--threads`` CPU threads
-(default 1, as the digits recipe trains), the fastest of repeats that add up to ``--min-time`` (short runs repeat,
-so a busy neighbour on a shared machine skews them less); no-cache runs first in each group, then the policies in
-order. A "full evaluation" is one network pass with every block computed (over the doubled batch when guided).
+Wall time (and the process's CPU time) is one whole ``dit_fast.sample.generate`` call (noise, sampling loop,
+network) on ``--threads`` CPU threads (default 1, as the digits recipe trains), the fastest of repeats that add up
+to ``--min-time`` (short runs repeat, so a busy neighbour on a shared machine skews them less); no-cache runs first
+in each group, then the policies in order. A "full evaluation" is one network pass with every block computed (over
+the doubled batch when guided).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -36,7 +38,7 @@ from dit_fast.cache import AUTO_MIN_STEPS, AUTO_SPEC, AUTO_SPEC_FEW_STEPS, parse
 from dit_fast.metrics import evaluate_digits
 from dit_fast.sample import generate, load_model
 
-DEFAULT_POLICIES = ("none", "fora:2", "fora:3", "fora:4", "taylor:3:1", "taylor:4:2", "taylor:6:2", "adaptive:0.15:4",
+DEFAULT_POLICIES = ("none", "fora:2", "fora:3", "fora:4", "taylor:4:2", "taylor:6:2", "adaptive:0.15:4",
                     "adaptive:0.2:6")
 DEFAULT_SAMPLERS = ("ddpm-250", "dpm++-20")
 
@@ -53,6 +55,8 @@ class FrontierRow:
     cached_steps: int
     seconds: float
     speedup: float
+    cpu_seconds: float
+    cpu_speedup: float
     accuracy: float
     frechet: float
     accuracy_delta: float
@@ -80,28 +84,31 @@ def run_frontier(model: torch.nn.Module, args: argparse.Namespace) -> list[Front
         for cfg_scale in (1.0, args.cfg_scale):
             base: FrontierRow | None = None
             for policy in policies:
-                times: list[float] = []
-                while not times or (sum(times) < args.min_time and len(times) < args.max_repeats):
+                times: list[tuple[float, float]] = []  # (wall, process CPU) seconds per repeat
+                while not times or (sum(w for w, _ in times) < args.min_time and len(times) < args.max_repeats):
                     stats: dict[str, int] = {}
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     samples = generate(model, labels, sampler=sampler, num_steps=steps, cfg_scale=cfg_scale,
                                        guide_channels="all", seed=args.seed, batch_size=args.samples,
                                        clip_denoised=True, progress=False, cache=policy, cache_stats=stats)
-                    times.append(time.perf_counter() - t0)
-                seconds = min(times)
+                    times.append((time.perf_counter() - t0, time.process_time() - c0))
+                seconds, cpu_seconds = min(times)
                 scores = evaluate_digits(samples, labels)
                 cached = stats.get("cached_steps", 0)
                 full = stats.get("full_steps", steps)
                 row = FrontierRow(
                     sampler=spec, cfg_scale=cfg_scale, policy=policy, steps=full + cached, full_evals=full,
                     cached_steps=cached, seconds=seconds, speedup=1.0 if base is None else base.seconds / seconds,
+                    cpu_seconds=cpu_seconds,
+                    cpu_speedup=1.0 if base is None else base.cpu_seconds / cpu_seconds,
                     accuracy=scores["accuracy"], frechet=scores["frechet"],
                     accuracy_delta=0.0 if base is None else scores["accuracy"] - base.accuracy,
                     frechet_ratio=1.0 if base is None else scores["frechet"] / base.frechet)
                 base = base or row
                 rows.append(row)
                 print(f"{spec} cfg {cfg_scale:g} {policy:>14}: {full:4d} full / {row.steps} steps, {seconds:7.2f} s "
-                      f"({row.speedup:.2f}x), accuracy {100 * row.accuracy:5.1f}% ({100 * row.accuracy_delta:+.1f}), "
+                      f"({row.speedup:.2f}x; CPU {cpu_seconds:.2f} s, {row.cpu_speedup:.2f}x), "
+                      f"accuracy {100 * row.accuracy:5.1f}% ({100 * row.accuracy_delta:+.1f}), "
                       f"Frechet {row.frechet:.4f} ({row.frechet_ratio:.2f}x)", flush=True)
     return rows
 
@@ -112,13 +119,14 @@ def _is_auto(policy: str, sampler: str) -> bool:
 
 def markdown_table(rows: list[FrontierRow]) -> list[str]:
     """The frontier as Markdown table lines."""
-    lines = ["| sampler | cfg | cache | full evals / steps | wall s | speed-up | class accuracy | Δ acc (pts) | "
-             "Fréchet | Fréchet / no cache |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sampler | cfg | cache | full evals / steps | wall s | speed-up | CPU s | CPU speed-up | "
+             "class accuracy | Δ acc (pts) | Fréchet | Fréchet / no cache |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"**{r.policy} (auto)**" if _is_auto(r.policy, r.sampler) else r.policy
         lines.append(f"| {r.sampler} | {r.cfg_scale:g} | {name} | {r.full_evals} / {r.steps} | {r.seconds:.1f} | "
-                     f"{r.speedup:.2f}x | {100 * r.accuracy:.1f}% | {100 * r.accuracy_delta:+.1f} | {r.frechet:.4f} | "
+                     f"{r.speedup:.2f}x | {r.cpu_seconds:.1f} | {r.cpu_speedup:.2f}x | "
+                     f"{100 * r.accuracy:.1f}% | {100 * r.accuracy_delta:+.1f} | {r.frechet:.4f} | "
                      f"{r.frechet_ratio:.2f}x |")
     return lines
 
@@ -194,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"cache_frontier scores 8x8 digits; {args.ckpt} is a {model.config.in_channels}-channel "
                          f"{model.config.input_size} model")
     print(description, flush=True)
+    load_before = os.getloadavg()[0]
     rows = run_frontier(model, args)
+    load_after = os.getloadavg()[0]
 
     out = Path(args.out)
     command = "python -m benchmarks.cache_frontier " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -206,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
              f"`{command}`", "", f"{description}. {args.samples} samples per run (classes cycling), one batch, "
              f"CPU ({machine}). `auto` = `{AUTO_SPEC}` for samplers of >= {AUTO_MIN_STEPS} steps, else "
              f"`{AUTO_SPEC_FEW_STEPS}`. Full evals: network passes with every block computed "
-             f"(over the doubled batch when guided); Δ and ratios against no cache in the same group.", "",
+             f"(over the doubled batch when guided); Δ and ratios against no cache in the same group. CPU s: the "
+             f"process's CPU time (less sensitive than wall time to other work on a shared machine; load average "
+             f"{load_before:.1f} before the runs, {load_after:.1f} after, on {os.cpu_count()} cores).", "",
              *markdown_table(rows), ""]
     if plotted:
         lines += [f"![frontier]({png.name})", ""]

@@ -18,7 +18,7 @@ attention and MLP GEMMs, the bulk of the work, are skipped. Policies (``parse_ca
   anyway); a full step runs when its mean absolute relative change since the last full step reaches T, or after
   M cached steps in a row; otherwise branch outputs are reused. Reading the change costs one device sync a step.
 - ``"auto"``: the setting measured best on the built-in digits model (``benchmarks/results/cache_frontier.md``),
-  the largest saving with no visible quality loss: ``AUTO_SPEC`` ("fora:3") for samplers of at least
+  the largest saving with no visible quality loss: ``AUTO_SPEC`` ("taylor:4:2") for samplers of at least
   ``AUTO_MIN_STEPS`` network calls (DDPM-250, DDIM-50), ``AUTO_SPEC_FEW_STEPS`` ("adaptive:0.15:4") for fewer
   (DPM-Solver++-20), where every step moves further and fixed reuse costs quality.
 
@@ -59,7 +59,7 @@ __all__ = [
     "step_cache",
 ]
 
-AUTO_SPEC = "fora:3"
+AUTO_SPEC = "taylor:4:2"
 """The policy ``--cache auto`` selects for samplers of ``AUTO_MIN_STEPS`` steps or more (see the module docstring)."""
 AUTO_SPEC_FEW_STEPS = "adaptive:0.15:4"
 """The policy ``--cache auto`` selects for samplers of fewer steps."""
