@@ -167,8 +167,10 @@ def plot(rows: list[FrontierRow], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cache_frontier",
                                      description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="a digits DiT checkpoint (e.g. results/000-DiT-digits/"
-                                                      "checkpoints/0008000.pt from `dit-fast train`)")
+    parser.add_argument("--ckpt", help="a digits DiT checkpoint (e.g. results/000-DiT-digits/checkpoints/"
+                                       "0008000.pt from `dit-fast train`)")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="sample nothing: rewrite the .md and .png of a saved run from its .json")
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
                         help=f"cache specs to compare (default: {' '.join(DEFAULT_POLICIES)}); 'none' always runs")
     parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS), help="NAME-STEPS, e.g. ddpm-250")
@@ -183,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", choices=["fast", "reference"], default="fast")
     parser.add_argument("--out", default="benchmarks/results/cache_frontier", help="output path without suffix")
     args = parser.parse_args(argv)
+    if args.render:
+        render(Path(args.render))
+        return 0
+    if not args.ckpt:
+        parser.error("--ckpt is required (or --render JSON)")
     for spec in args.samplers:
         try:
             _sampler(spec)
@@ -206,30 +213,40 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_frontier(model, args)
     load_after = os.getloadavg()[0]
 
-    out = Path(args.out)
     command = "python -m benchmarks.cache_frontier " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
                f"{torch.__version__}, {args.impl} model")
+    header = (f"{description}. {args.samples} samples per run (classes cycling), one batch, CPU ({machine}). Full "
+              f"evals: network passes with every block computed (over the doubled batch when guided); Δ and ratios "
+              f"against no cache in the same group. CPU s: the process's CPU time (less sensitive than wall time to "
+              f"other work on a shared machine; load average {load_before:.1f} before the runs, {load_after:.1f} "
+              f"after, on {os.cpu_count()} cores).")
+    write_outputs(Path(args.out), command, header, rows)
+    return 0
+
+
+def write_outputs(out: Path, command: str, header: str, rows: list[FrontierRow]) -> None:
+    """Write OUT.md (command, header, the table, the plot), OUT.json and OUT.png."""
     png = out.with_suffix(".png")
     plotted = plot(rows, png)
-    lines = ["# Step caching: speed-quality frontier on the digits DiT", "",
-             f"`{command}`", "", f"{description}. {args.samples} samples per run (classes cycling), one batch, "
-             f"CPU ({machine}). `auto` = `{AUTO_SPEC}` for samplers of >= {AUTO_MIN_STEPS} steps, else "
-             f"`{AUTO_SPEC_FEW_STEPS}`. Full evals: network passes with every block computed "
-             f"(over the doubled batch when guided); Δ and ratios against no cache in the same group. CPU s: the "
-             f"process's CPU time (less sensitive than wall time to other work on a shared machine; load average "
-             f"{load_before:.1f} before the runs, {load_after:.1f} after, on {os.cpu_count()} cores).", "",
-             *markdown_table(rows), ""]
+    lines = ["# Step caching: speed-quality frontier on the digits DiT", "", f"`{command}`", "",
+             header + f" `auto` = `{AUTO_SPEC}` for samplers of >= {AUTO_MIN_STEPS} steps, else "
+             f"`{AUTO_SPEC_FEW_STEPS}`.", "", *markdown_table(rows), ""]
     if plotted:
         lines += [f"![frontier]({png.name})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "model": description, "machine": machine,
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "header": header,
                                                     "rows": [asdict(r) for r in rows]}, indent=1), encoding="utf-8")
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}" + (f" and {png}" if plotted else
                                                                           " (no plot: matplotlib not installed)"))
-    return 0
 
+
+def render(json_path: Path) -> None:
+    """Rewrite the .md and .png of a saved run (its .json) with the current ``auto`` marking."""
+    run = json.loads(json_path.read_text(encoding="utf-8"))
+    write_outputs(json_path.with_suffix(""), run["command"], run["header"],
+                  [FrontierRow(**row) for row in run["rows"]])
 
 if __name__ == "__main__":
     raise SystemExit(main())
