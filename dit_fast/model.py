@@ -174,10 +174,10 @@ class DiTFastBlock(reference.DiTBlock):
         if mod is None:
             linear = self.adaLN_modulation[1]
             mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 6D)
-        _, _, gate_msa, _, _, gate_mlp = mod.to(x.dtype).chunk(6, dim=1)
+        _, _, gate_msa, _, _, gate_mlp = mod.chunk(6, dim=1)  # gate_mlp stays in the modulation's dtype, as forward's
         if branch is not None:
             x = torch.addcmul(x, gate.to(x.dtype).unsqueeze(1), branch.to(x.dtype))  # (N, T, D)
-        return torch.addcmul(x, gate_msa.unsqueeze(1), attn_out.to(x.dtype)), gate_mlp, mlp_out
+        return torch.addcmul(x, gate_msa.to(x.dtype).unsqueeze(1), attn_out.to(x.dtype)), gate_mlp, mlp_out
 
 
 class FinalLayer(reference.FinalLayer):

@@ -199,3 +199,19 @@ def test_cfg_model_uses_forward_with_cfg_of_a_dit():
     with torch.no_grad():
         plain = CFGModel(lambda a, b, c: FAST(a, b, c), 2.0, 10, guide_channels="all", interval=(0, 600))(x, t, y)
     assert max_rel_err(out, plain) < 1e-6
+
+
+def test_bf16_autocast_and_bf16_weights():
+    """Mixed precision: under bf16 autocast (fp32 stream, bf16 branches) and with bf16 weights, cached sampling
+    runs and stays near the uncached bf16 samples."""
+    import copy
+
+    kw = {"sampler": "ddim", "num_steps": 10, "cfg_scale": 2.0, "seed": 1, "progress": False}
+    for model in (REF, FAST):
+        base = generate(model, LABELS, dtype=torch.bfloat16, **kw)
+        for spec in ("fora:2", "taylor:3:2"):
+            out = generate(model, LABELS, dtype=torch.bfloat16, cache=spec, **kw)
+            assert torch.isfinite(out).all() and max_rel_err(out, base) < 0.1, spec
+    low = copy.deepcopy(FAST).to(torch.bfloat16)
+    out = generate(low, LABELS, cache="taylor:3:2", dtype=torch.bfloat16, **kw)
+    assert torch.isfinite(out).all()
