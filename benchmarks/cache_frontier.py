@@ -83,7 +83,8 @@ def run_frontier(model: torch.nn.Module, args: argparse.Namespace) -> list[Front
         sampler, steps = _sampler(spec)
         for cfg_scale in (1.0, args.cfg_scale):
             base: FrontierRow | None = None
-            for policy in policies:
+            for given in policies:
+                policy = "none" if given == "none" else parse_cache(given, steps).spec  # "auto" -> its policy
                 times: list[tuple[float, float]] = []  # (wall, process CPU) seconds per repeat
                 while not times or (sum(w for w, _ in times) < args.min_time and len(times) < args.max_repeats):
                     stats: dict[str, int] = {}

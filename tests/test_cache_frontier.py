@@ -23,16 +23,17 @@ def test_frontier_writes_table_json_and_rerenders(tmp_path):
     save_checkpoint(model.eval(), tmp_path / "tiny")
     out = tmp_path / "frontier"
     assert main(["--ckpt", str(tmp_path / "tiny"), "--samples", "20", "--samplers", "ddim-6", "--policies", "fora:2",
-                 "adaptive:0.1", "--min-time", "0", "--out", str(out)]) == 0
+                 "adaptive:0.1", "auto", "--min-time", "0", "--out", str(out)]) == 0
     run = json.loads(out.with_suffix(".json").read_text())
     rows = run["rows"]
     assert [(r["sampler"], r["cfg_scale"], r["policy"]) for r in rows] == [
-        ("ddim-6", c, p) for c in (1.0, 2.0) for p in ("none", "fora:2", "adaptive:0.1")]
+        ("ddim-6", c, p) for c in (1.0, 2.0) for p in ("none", "fora:2", "adaptive:0.1:4", "adaptive:0.15:4")]
     assert [r["full_evals"] for r in rows[:2]] == [6, 3]
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
     table = out.with_suffix(".md").read_text()
     assert "| ddim-6 | 2 | fora:2 | 3 / 6 |" in table
-    assert "**adaptive:0.1" not in table  # not the auto policy
+    assert "| **adaptive:0.15:4 (auto)** |" in table  # "auto" below 50 steps
+    assert "**adaptive:0.1:4" not in table
     out.with_suffix(".md").unlink()
     assert main(["--render", str(out.with_suffix(".json"))]) == 0
     assert out.with_suffix(".md").read_text() == table
