@@ -165,6 +165,20 @@ class DiTFastBlock(reference.DiTBlock):
                                                        self.norm2.eps)
         return x, gate_mlp, self.mlp(h)
 
+    def forward_from_branches(self, x: torch.Tensor, silu_c: torch.Tensor, gate: torch.Tensor | None = None,
+                              branch: torch.Tensor | None = None, mod: torch.Tensor | None = None, *,
+                              attn_out: torch.Tensor, mlp_out: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` with the attention and MLP outputs given, (N, T, D) each (step caching, ``dit_fast.cache``):
+        no norm, attention or MLP runs, only the adaLN gates and the pending and attention residuals."""
+        if mod is None:
+            linear = self.adaLN_modulation[1]
+            mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 6D)
+        _, _, gate_msa, _, _, gate_mlp = mod.chunk(6, dim=1)  # gate_mlp stays in the modulation's dtype, as forward's
+        if branch is not None:
+            x = torch.addcmul(x, gate.to(x.dtype).unsqueeze(1), branch.to(x.dtype))  # (N, T, D)
+        return torch.addcmul(x, gate_msa.to(x.dtype).unsqueeze(1), attn_out.to(x.dtype)), gate_mlp, mlp_out
+
 
 class FinalLayer(reference.FinalLayer):
     """The last block's MLP residual fused with the final adaLN LayerNorm, then Linear(D, p*p*out)."""
@@ -226,6 +240,7 @@ class DiTFast(DiT):
         )
         self.gradient_checkpointing = gradient_checkpointing
         self._modulation_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
+        self._capturing = False  # set by cuda_graph(): its warm-up and capture take the graph-safe path
         self.kernels = "auto"
         self.attention = "auto"
         self.set_kernels(kernels)
@@ -256,7 +271,7 @@ class DiTFast(DiT):
         return self._denoise(self._embed(x), t, y)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         guide_channels: int | str = 3) -> torch.Tensor:
+                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
         """Classifier-free guidance in one batched forward, with the official semantics (see the reference).
 
         The batch is ``[cond; uncond]`` and both halves read the first half of ``x``, so its patch embedding is
@@ -268,7 +283,8 @@ class DiTFast(DiT):
             tokens = self._embed(combined[: combined.shape[0] // 2])  # (N/2, T, D), identical for both halves
             return self._denoise(torch.cat([tokens, tokens], dim=0), t, y)
 
-        return guided_forward(forward_on_duplicated_half, x, t, y, cfg_scale, guide_channels, self.in_channels)
+        return guided_forward(forward_on_duplicated_half, x, t, y, cfg_scale, guide_channels, self.in_channels,
+                              interval)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (N, C, H, W) -> tokens with positions (N, T, D)."""
@@ -305,7 +321,8 @@ class DiTFast(DiT):
         rebuilt whenever a parameter is replaced or modified in place (optimizer step, EMA update, load_state_dict),
         and held in ``silu_c``'s dtype (autocast's under autocast), so no forward casts the stacked weight.
         """
-        if torch.compiler.is_compiling() or (silu_c.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if (self._capturing or torch.compiler.is_compiling()
+                or (silu_c.is_cuda and torch.cuda.is_current_stream_capturing())):
             return None
         linears = [block.adaLN_modulation[1] for block in self.blocks if isinstance(block, DiTFastBlock)]
         if len(linears) != len(self.blocks) or len(linears) == 0:
@@ -347,13 +364,17 @@ class DiTFast(DiT):
 
     @torch.no_grad()
     def cuda_graph(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | None = None,
-                   warmup: int = 2) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Capture one inference forward (or ``forward_with_cfg`` when ``cfg_scale`` is given) as a CUDA graph.
+                   warmup: int = 2, guide_channels: int | str = 3, interval: tuple[int, int] | None = None
+                   ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Capture one inference forward (or ``forward_with_cfg`` when ``cfg_scale`` is given, with
+        ``guide_channels`` and ``interval``) as a CUDA graph.
 
         Returns ``run(x, t, y)``, which copies its inputs (same shapes, dtypes and device as the examples) into the
         graph's static inputs, replays it and returns the static output (overwritten by the next call: clone it to
         keep it). For fixed-shape sampling loops, where per-kernel launch overhead dominates. Weights are read in
-        place, so in-place updates (EMA) are seen; replacing parameter tensors needs a new capture.
+        place, so in-place updates (EMA) are seen; replacing parameter tensors needs a new capture. The warm-up
+        runs the very path that is captured (each block's own adaLN, not the batched GEMM whose stacked weight is
+        a snapshot). An active autocast context is captured with the graph.
         """
         if not x.is_cuda:
             raise ValueError(f"cuda_graph needs CUDA tensors, got x on {x.device}")
@@ -363,17 +384,21 @@ class DiTFast(DiT):
         def call() -> torch.Tensor:
             if cfg_scale is None:
                 return self(*static)
-            return self.forward_with_cfg(*static, cfg_scale)
+            return self.forward_with_cfg(*static, cfg_scale, guide_channels, interval)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):  # resolve backends, autotune and allocate outside the capture
-                call()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = call()
+        self._capturing = True
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):  # resolve backends, autotune and allocate outside the capture
+                    call()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = call()
+        finally:
+            self._capturing = False
 
         def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             for dst, src in zip(static, (x, t, y), strict=True):
@@ -385,6 +410,46 @@ class DiTFast(DiT):
             return static_out
 
         return run
+
+
+class CUDAGraphRunner:
+    """A DiTFast served by CUDA graphs: ``runner(x, t, y)`` and ``runner.forward_with_cfg(...)`` with the model's
+    signatures, each captured once per input shape and guidance setting (``DiTFast.cuda_graph``) and replayed.
+
+    For sampling loops (``dit-fast sample --cuda-graph``): the first call of each shape captures (under the autocast
+    context active then, which the replays keep), later calls replay. Outputs are cloned, so they stay valid.
+    """
+
+    def __init__(self, model: DiTFast) -> None:
+        if not isinstance(model, DiTFast):
+            raise TypeError(f"CUDA-graph sampling needs a DiTFast model, got {type(model).__name__}")
+        self.model = model
+        self.graphs: dict[tuple[Any, ...], Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def _run(self, key: tuple[Any, ...], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+             capture: Callable[[], Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
+             ) -> torch.Tensor:
+        key = (*key, tuple(x.shape), x.dtype, t.dtype, y.dtype, x.device, torch.is_autocast_enabled(x.device.type),
+               torch.get_autocast_dtype(x.device.type))
+        run = self.graphs.get(key)
+        if run is None:
+            run = self.graphs[key] = capture()
+        return run(x, t, y).clone()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """As ``DiTFast.forward``: x (N, C, H, W), t (N,), y (N,) -> (N, out_channels, H, W)."""
+        return self._run(("forward",), x, t, y, lambda: self.model.cuda_graph(x, t, y))
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
+        """As ``DiTFast.forward_with_cfg`` on the doubled batch (2N, ...)."""
+        key = ("cfg", float(cfg_scale), guide_channels, None if interval is None else tuple(interval))
+        return self._run(key, x, t, y, lambda: self.model.cuda_graph(x, t, y, cfg_scale, guide_channels=guide_channels,
+                                                                     interval=interval))
 
 
 DiT_models: dict[str, Callable[..., DiTFast]] = model_constructors(DiTFast)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +172,14 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # (N, T, D)
 
+    def forward_from_branches(self, x: torch.Tensor, c: torch.Tensor, *, attn_out: torch.Tensor,
+                              mlp_out: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the attention and MLP outputs given, (N, T, D) each (step caching, ``dit_fast.cache``):
+        only the adaLN gates of c (N, D) and the two gated residuals are computed."""
+        _, _, gate_msa, _, _, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * attn_out
+        return x + gate_mlp.unsqueeze(1) * mlp_out  # (N, T, D)
+
 
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm then a linear map of each token to its p*p*out patch values."""
@@ -282,15 +290,17 @@ class DiT(nn.Module):
         return self.unpatchify(x)  # (N, out, H, W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         guide_channels: int | str = 3) -> torch.Tensor:
+                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
         """Classifier-free guidance in one batched forward, with the official semantics.
 
         The batch is ``[cond; uncond]``: the first half of ``x`` is used for both halves (y holds the real labels,
         then the null class). ``guide_channels=3`` (default) guides output channels 0..2 as the official code
         does for exact FID reproduction; ``"all"`` guides every eps channel. Channels beyond (the learned
-        variance) are never guided, and never more than ``in_channels`` channels are.
+        variance) are never guided, and never more than ``in_channels`` channels are. ``interval=(lo, hi)``
+        guides only at original timesteps lo <= t <= hi (the conditional output elsewhere). See
+        ``guided_forward``.
         """
-        return guided_forward(self.forward, x, t, y, cfg_scale, guide_channels, self.in_channels)
+        return guided_forward(self.forward, x, t, y, cfg_scale, guide_channels, self.in_channels, interval)
 
 
 def init_dit_weights(model: nn.Module) -> None:
@@ -367,25 +377,69 @@ def _describe(v: Any) -> str:
     return f"{type(v).__name__}"
 
 
+GuideChannels = int | Literal["all"]
+
+
+def num_guided_channels(guide_channels: GuideChannels, in_channels: int) -> int:
+    """How many leading output channels are guided for inputs with ``in_channels`` (eps) channels."""
+    if guide_channels == "all":
+        return in_channels
+    if isinstance(guide_channels, int) and not isinstance(guide_channels, bool) and guide_channels >= 1:
+        return min(guide_channels, in_channels)
+    raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
+
+
+def check_interval(interval: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``interval`` as a pair of ints (or None); ValueError unless ``0 <= lo <= hi``."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"interval must be (lo, hi) with 0 <= lo <= hi, got {interval!r}") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"interval must be (lo, hi) with 0 <= lo <= hi, got {interval!r}")
+    return lo, hi
+
+
 def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                   cfg_scale: float, guide_channels: int | str, in_channels: int) -> torch.Tensor:
-    """``forward_with_cfg`` for any ``forward(x, t, y)``: guide the first ``guide_channels`` output channels."""
+                   cfg_scale: float, guide_channels: GuideChannels = 3, in_channels: int | None = None,
+                   interval: tuple[int, int] | None = None) -> torch.Tensor:
+    """Classifier-free guidance in one batched forward (the official ``forward_with_cfg``, extended).
+
+    Args:
+        forward: the network, ``forward(x (2N, C, ...), t (2N,), y (2N,)) -> (2N, C_out, ...)``.
+        x: (2N, C, ...); only the first half is read (it is fed to both halves).
+        t: (2N,) original timesteps; y: (2N,) labels, the real ones then the null class.
+        cfg_scale: guidance scale.
+        guide_channels: 3 (official), "all" (every eps channel) or any positive int k.
+        in_channels: the eps channels (default: x's channels); never more than these are guided.
+        interval: optional inclusive range (lo, hi) of original timesteps where guidance applies; elsewhere the
+            conditional output is returned.
+
+    Returns:
+        (2N, C_out, ...): the guided eps channels, then the conditional pass's other channels, for both halves.
+        The guidance is computed in fp32 at least and returned in the network's output dtype.
+    """
     if x.shape[0] % 2:
         raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")
-    if guide_channels == "all":
-        n_guided = in_channels
-    elif isinstance(guide_channels, int) and guide_channels >= 1:
-        n_guided = min(guide_channels, in_channels)
-    else:
-        raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
-    half = x[: len(x) // 2]
-    combined = torch.cat([half, half], dim=0)
-    model_out = forward(combined, t, y)
-    eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
-    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-    eps = torch.cat([half_eps, half_eps], dim=0)
-    return torch.cat([eps, rest], dim=1)
+    k = num_guided_channels(guide_channels, x.shape[1] if in_channels is None else in_channels)
+    interval = check_interval(interval)
+    n = x.shape[0] // 2
+    half = x[:n]
+    model_out = forward(torch.cat([half, half], dim=0), t, y)  # (2N, C_out, ...)
+    if model_out.shape[0] != 2 * n or model_out.shape[1] < k:
+        raise ValueError(f"guidance: the model returned {tuple(model_out.shape)} for a batch of {2 * n}; expected "
+                         f"(2N, >= {k}, ...)")
+    eps, rest = model_out[:, :k], model_out[:, k:]
+    cond_eps, uncond_eps = torch.split(eps, n, dim=0)  # (N, k, ...) each
+    compute = torch.promote_types(eps.dtype, torch.float32)
+    half_eps = uncond_eps.to(compute) + cfg_scale * (cond_eps.to(compute) - uncond_eps.to(compute))
+    half_eps = half_eps.to(eps.dtype)
+    if interval is not None:
+        active = (t[:n] >= interval[0]) & (t[:n] <= interval[1])  # (N,)
+        half_eps = torch.where(active.view(n, *([1] * (eps.ndim - 1))), half_eps, cond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
 def model_constructors(cls: type[nn.Module]) -> dict[str, Callable[..., Any]]:

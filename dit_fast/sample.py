@@ -3,9 +3,12 @@
 Loads our checkpoints (training ``.pt`` files, the dit-fast safetensors format), official ``.pt`` files (e.g.
 ``DiT-XL-2-256x256.pt``) and diffusers folders through ``dit_fast.checkpoints``. Samplers: the paper's DDPM
 (``--sampler ddpm``, 250 respaced steps), DDIM and DPM-Solver++(2M), with classifier-free guidance on 3 channels
-(official) or all eps channels and an optional guidance interval. Latent models are decoded with a LOCAL VAE folder
-(``--vae``; see ``dit_fast.vae``). ImageNet classes are given by id (0..999; e.g. 207 golden retriever, 360 otter,
-387 lesser panda, 974 geyser, 88 macaw, 979 valley, 417 balloon, 279 arctic fox): no class-name table is shipped.
+(official) or all eps channels and an optional guidance interval, through the model's ``forward_with_cfg``.
+``--cache SPEC`` skips most of the network on most steps (``dit_fast.cache``: ``auto``, ``fora:N``,
+``taylor:N:O``, ``adaptive:T``); on CUDA ``--cuda-graph`` replays one captured graph per step and ``--compile``
+compiles the blocks. Latent models are decoded with a LOCAL VAE folder (``--vae``; see ``dit_fast.vae``).
+ImageNet classes are given by id (0..999; e.g. 207 golden retriever, 360 otter, 387 lesser panda, 974 geyser,
+88 macaw, 979 valley, 417 balloon, 279 arctic fox): no class-name table is shipped.
 
 For FID-50K, shard across processes (rank r samples its contiguous slice; rank 0 merges the slices into one
 ``.npz`` with ``arr_0`` (N, H, W, 3) uint8 and ``labels`` (N,)):
@@ -35,12 +38,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dit_fast.cache import CACHE_SPEC_HELP, CachePolicy, parse_cache, step_cache
 from dit_fast.checkpoints import check_finite_weights, load_checkpoint
 from dit_fast.data import mix_seed
 from dit_fast.diffusion import CFGModel, create_diffusion
 from dit_fast.distributed import barrier, cleanup, setup_distributed
 from dit_fast.files import atomic_write
-from dit_fast.model import DiTFast
+from dit_fast.model import CUDAGraphRunner, DiTFast
 from dit_fast.reference import check_labels
 from dit_fast.vae import VAE
 from dit_fast.validation import (
@@ -70,10 +74,11 @@ class NonFiniteMonitor:
 
     The record stays on the device (no host sync per step); ``first_bad()`` reads it once: None, or
     ``(call, timestep)`` with ``call`` counted from 1 (a sampling step, for samplers that call the model once per
-    step) and ``timestep`` the (first) timestep of that call.
+    step) and ``timestep`` the (first) timestep of that call. ``model`` may be set later (``sample_batch`` sets it
+    to the guided network it builds).
     """
 
-    def __init__(self, model: Callable[..., torch.Tensor]):
+    def __init__(self, model: Callable[..., torch.Tensor] | None = None):
         self.model = model
         self._calls: torch.Tensor | None = None  # () int64 on the device: calls so far
         self._first: torch.Tensor | None = None  # (2,) int64: call, timestep; -1 until a non-finite output
@@ -99,38 +104,81 @@ class NonFiniteMonitor:
 def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels: torch.Tensor, *,
                  sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
                  guide_channels: int | str = 3, interval: tuple[int, int] | None = None, null_class: int,
-                 clip_denoised: bool = False, diffusion_steps: int = 1000, progress: bool = False) -> torch.Tensor:
+                 clip_denoised: bool = False, diffusion_steps: int = 1000, progress: bool = False,
+                 dtype: torch.dtype = torch.float32, cache: str | CachePolicy | None = None,
+                 cache_stats: dict[str, int] | None = None, monitor: NonFiniteMonitor | None = None
+                 ) -> torch.Tensor:
     """Run one sampler from ``noise`` (N, C, H, W) for ``labels`` (N,): -> samples (N, C, H, W) float32.
 
-    ``model(x, t, y)`` is the network; guidance (``cfg_scale`` > 1) runs it on ``[x; x]`` with ``[y; null_class]``
-    through ``dit_fast.diffusion.CFGModel``.
+    ``model(x, t, y)`` is the network (a DiT, a ``CUDAGraphRunner`` or any callable). Guidance (``cfg_scale`` > 1)
+    runs through ``dit_fast.diffusion.CFGModel``: one doubled pass per step, through the model's own
+    ``forward_with_cfg`` when it has one. The network runs under autocast in ``dtype`` when that is not fp32; the
+    sampler's arithmetic stays fp32. ``cache`` is a step-caching policy (``dit_fast.cache``; needs a DiT module);
+    ``cache_stats``, when given, has its "full_steps" and "cached_steps" counts increased by this run's.
+    ``monitor`` (a ``NonFiniteMonitor``) watches the guided network's outputs.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     guided = CFGModel(model, cfg_scale, null_class, guide_channels=guide_channels, interval=interval)
-    kwargs = {"noise": noise, "clip_denoised": clip_denoised, "model_kwargs": {"y": labels},
-              "device": noise.device, "progress": progress}
+    device = noise.device
+    autocast = dtype != torch.float32
+
+    def network(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return guided(x, t, y).float()
+
+    call: Callable[..., torch.Tensor] = network
+    if monitor is not None:
+        monitor.model = network
+        call = monitor
+    kwargs = {"noise": noise, "clip_denoised": clip_denoised, "model_kwargs": {"y": labels}, "device": device,
+              "progress": progress}
     shape = tuple(noise.shape)
-    if sampler == "ddpm":
-        return create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).p_sample_loop(guided, shape, **kwargs)
-    if sampler == "ddim":
-        return create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).ddim_sample_loop(
-            guided, shape, **kwargs)
-    return create_diffusion("", diffusion_steps=diffusion_steps).dpm_solver_sample_loop(
-        guided, shape, num_steps=num_steps, **kwargs)
+    with step_cache(model, cache, num_steps) as session:
+        if sampler == "ddpm":
+            out = create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).p_sample_loop(
+                call, shape, **kwargs)
+        elif sampler == "ddim":
+            out = create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).ddim_sample_loop(
+                call, shape, **kwargs)
+        else:
+            out = create_diffusion("", diffusion_steps=diffusion_steps).dpm_solver_sample_loop(
+                call, shape, num_steps=num_steps, **kwargs)
+    if session is not None and cache_stats is not None:
+        cache_stats["full_steps"] = cache_stats.get("full_steps", 0) + session.full_steps
+        cache_stats["cached_steps"] = cache_stats.get("cached_steps", 0) + session.cached_steps
+    return out
+
+
+def sampling_network(model: torch.nn.Module, device: torch.device, *, cuda_graph: bool = False,
+                     cache: CachePolicy | None = None) -> Callable[..., torch.Tensor]:
+    """What the samplers call: ``model`` itself, or with ``cuda_graph`` a ``CUDAGraphRunner`` over it (CUDA and
+    DiTFast only, never with a step cache, whose decisions are taken in Python); ValueError/TypeError otherwise."""
+    if not cuda_graph:
+        return model
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
+    if cache is not None:
+        raise ValueError("cuda_graph and a step cache exclude each other: the cache decides each step in Python "
+                         "(sample with one or the other)")
+    return CUDAGraphRunner(model)
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "ddpm", num_steps: int = 250,
              cfg_scale: float = 1.0, guide_channels: int | str = 3, interval: tuple[int, int] | None = None,
              seed: int = 0, first_index: int = 0, batch_size: int = 32, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, clip_denoised: bool = False, progress: bool = True) -> torch.Tensor:
+             dtype: torch.dtype = torch.float32, clip_denoised: bool = False, progress: bool = True,
+             cache: str | CachePolicy | None = None, cuda_graph: bool = False,
+             cache_stats: dict[str, int] | None = None) -> torch.Tensor:
     """Sample a DiT for every label: labels (N,) -> (N, C, H, W) float32 in the model's space (pixels or scaled
     latents), on the CPU. Sample k is global sample ``first_index + k`` for seeding (see the module docstring).
 
     ``dtype`` bf16 runs the network under autocast (the sampler's arithmetic stays fp32). ``clip_denoised``
     clips each x_0 prediction to [-1, 1]: right for pixel-space models; latent models are not clipped (as the
-    official sample_ddp.py).
+    official sample_ddp.py). ``cache``: a step-caching policy or spec (``dit_fast.cache``; "none" or None: off,
+    bit-identical), fresh for every batch. ``cuda_graph``: on CUDA, run a DiTFast through CUDA graphs captured
+    once per batch shape and replayed every step (not with a cache, whose decisions are taken in Python).
     """
     cfg = model.config
     labels = labels.to(torch.long)
@@ -138,11 +186,8 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
     if cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
         raise ValueError("this model was trained without label dropout (no null class): guidance needs cfg_scale 1")
     device = torch.device(device)
-    autocast = dtype != torch.float32
-
-    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            return model(x, t, y).float()
+    cache = parse_cache(cache, num_steps)
+    network = sampling_network(model, device, cuda_graph=cuda_graph, cache=cache)
 
     shape = (cfg.in_channels, *cfg.grid_input)
     out = []
@@ -150,11 +195,12 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
     for start in tqdm(starts, desc="sample", disable=not progress or len(starts) == 1):
         idx = range(first_index + start, first_index + min(start + batch_size, len(labels)))
         torch.manual_seed(mix_seed(seed, idx.start, 1))  # DDPM's per-step noise
-        monitor = NonFiniteMonitor(forward)
-        z = sample_batch(monitor, initial_noise(seed, idx, shape, device), labels[start: start + len(idx)].to(device),
+        monitor = NonFiniteMonitor()
+        z = sample_batch(network, initial_noise(seed, idx, shape, device), labels[start: start + len(idx)].to(device),
                          sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, guide_channels=guide_channels,
                          interval=interval, null_class=cfg.num_classes, clip_denoised=clip_denoised,
-                         progress=progress and len(starts) == 1)
+                         progress=progress and len(starts) == 1, dtype=dtype, cache=cache, cache_stats=cache_stats,
+                         monitor=monitor)
         bad = monitor.first_bad()
         if bad is not None or not bool(torch.isfinite(z).all()):
             where = (f"the model's output first did at sampling step {bad[0]} of {num_steps} (timestep {bad[1]})"
@@ -268,10 +314,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="CUDA only, DiTFast only: capture the network once per batch shape as a CUDA graph and "
+                             "replay it every step")
+    parser.add_argument("--cache", type=_cache_spec, default="none", metavar="SPEC",
+                        help="training-free step caching (dit_fast.cache): " + CACHE_SPEC_HELP)
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--impl", choices=["fast", "reference"], default=None,
                         help="DiTFast or the plain reference model (default: fast)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _cache_spec(text: str) -> str:
+    """argparse type of ``--cache``: the spec, checked at parse time ("auto" is resolved once the steps are known)."""
+    try:
+        parse_cache(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -282,10 +342,19 @@ def main(args: argparse.Namespace) -> int:
     if args.guidance_interval and args.guidance_interval[0] > args.guidance_interval[1]:
         raise UserError(f"--guidance-interval {args.guidance_interval[0]} {args.guidance_interval[1]}: LO must be "
                         "<= HI")
+    cache = parse_cache(args.cache, args.num_sampling_steps)
+    if cache is not None and (args.compile or args.cuda_graph):
+        raise UserError(f"--cache {args.cache} runs the blocks eagerly (it decides each step in Python): drop "
+                        f"--{'compile' if args.compile else 'cuda-graph'}, or sample without a cache")
+    if args.cuda_graph and (args.impl or "fast") != "fast":
+        raise UserError("--cuda-graph needs the DiTFast implementation (--impl fast)")
     try:
         d = setup_distributed(args.device)
     except RuntimeError as e:
         raise UserError(str(e)) from None
+    if args.cuda_graph and d.device.type != "cuda":
+        cleanup(d)
+        raise UserError(f"--cuda-graph needs a CUDA device, sampling runs on {d.device}")
     if args.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(args.threads)
     shard_path = None
@@ -318,13 +387,19 @@ def main(args: argparse.Namespace) -> int:
         lo, hi = min(n, d.rank * per_rank), min(n, (d.rank + 1) * per_rank)
         if d.is_main:
             print(f"{description}\nsampling {n} images ({args.sampler}-{args.num_sampling_steps}, cfg "
-                  f"{args.cfg_scale}, guide {args.guide_channels}) on {d.world_size} process(es)", flush=True)
+                  f"{args.cfg_scale}, guide {args.guide_channels}, cache {cache.spec if cache else 'none'}"
+                  f"{', CUDA graphs' if args.cuda_graph else ''}) on {d.world_size} process(es)", flush=True)
+        cache_stats: dict[str, int] = {}
         z = generate(model, labels[lo:hi], sampler=args.sampler, num_steps=args.num_sampling_steps,
                      cfg_scale=args.cfg_scale, guide_channels="all" if args.guide_channels == "all" else 3,
                      interval=tuple(args.guidance_interval) if args.guidance_interval else None, seed=args.seed,
                      first_index=lo, batch_size=args.batch_size, device=d.device,
                      dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, clip_denoised=vae is None,
-                     progress=d.is_main and not args.no_progress)
+                     progress=d.is_main and not args.no_progress, cache=cache, cuda_graph=args.cuda_graph,
+                     cache_stats=cache_stats)
+        if cache is not None and d.is_main:
+            print(f"cache {cache.spec}: {cache_stats.get('full_steps', 0)} full network evaluations, "
+                  f"{cache_stats.get('cached_steps', 0)} cached (this process)", flush=True)
         if vae is not None:
             z = torch.cat([vae.decode(z[i: i + args.batch_size]).cpu() for i in range(0, len(z), args.batch_size)])
         images = to_uint8(z)  # (n_rank, H, W, C)
