@@ -68,6 +68,11 @@ def _autocasting(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
+def _adaln(linear: torch.nn.Linear, silu_c: torch.Tensor) -> torch.Tensor:
+    """One adaLN output ``linear(silu(c))``: (N, D) -> (N, k*D); ``silu_c`` goes in as autocast or the weight wants."""
+    return linear(silu_c if _autocasting(silu_c.device.type) else silu_c.to(linear.weight.dtype))
+
+
 class PatchEmbed(reference.PatchEmbed):
     """(N, C, H, W) -> (N, T, D): patchify, then one GEMM with the conv weight viewed as (D, C*p*p) (no copy).
 
@@ -154,8 +159,7 @@ class DiTFastBlock(reference.DiTBlock):
         """
         ops = KERNELS[resolve_kernels(self.kernels, x.device.type)]
         if mod is None:
-            linear = self.adaLN_modulation[1]
-            mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 6D)
+            mod = _adaln(self.adaLN_modulation[1], silu_c)  # (N, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         if branch is None:
             h = ops.modulated_layer_norm(x, shift_msa, scale_msa, self.norm1.eps)  # (N, T, D)
@@ -172,8 +176,7 @@ class DiTFastBlock(reference.DiTBlock):
         """``forward`` with the attention and MLP outputs given, (N, T, D) each (step caching, ``dit_fast.cache``):
         no norm, attention or MLP runs, only the adaLN gates and the pending and attention residuals."""
         if mod is None:
-            linear = self.adaLN_modulation[1]
-            mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 6D)
+            mod = _adaln(self.adaLN_modulation[1], silu_c)  # (N, 6D)
         _, _, gate_msa, _, _, gate_mlp = mod.chunk(6, dim=1)  # gate_mlp stays in the modulation's dtype, as forward's
         if branch is not None:
             x = torch.addcmul(x, gate.to(x.dtype).unsqueeze(1), branch.to(x.dtype))  # (N, T, D)
@@ -187,8 +190,7 @@ class FinalLayer(reference.FinalLayer):
                 ops: KernelOps) -> torch.Tensor:
         """x (N, T, D) stream, gate (N, D) / branch (N, T, D) the last block's pending MLP residual,
         silu_c (N, D) -> (N, T, p*p*out) tokens, each vector in (p, p, out) order."""
-        linear = self.adaLN_modulation[1]
-        mod = linear(silu_c if _autocasting(x.device.type) else silu_c.to(linear.weight.dtype))  # (N, 2D)
+        mod = _adaln(self.adaLN_modulation[1], silu_c)  # (N, 2D)
         shift, scale = mod.chunk(2, dim=1)
         _, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift, scale, self.norm_final.eps)
         return fused_linear(h, self.linear)
