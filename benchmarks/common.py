@@ -43,6 +43,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -400,6 +401,25 @@ def median_seconds(benchmark: Any) -> float | None:
     """Median time of the benchmark's rounds, or None when timing is disabled (``--benchmark-disable``)."""
     stats = getattr(benchmark, "stats", None)
     return None if stats is None else float(stats.stats.median)
+
+
+def kernel_seconds(benchmark: Any, call: Callable[[], Any], device: torch.device | str,
+                   cpu_rounds: int) -> float | None:
+    """Median seconds of one ``call()`` of a single op: on CUDA each of 3 benchmark rounds is one
+    ``triton.testing.do_bench`` (its median, in-stream timing with L2 flushes); elsewhere ``cpu_rounds`` timed calls
+    after 2 warm-ups. None when timing is disabled."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        medians_ms: list[float] = []
+
+        def bench_round() -> None:
+            medians_ms.append(triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median"))
+
+        benchmark.pedantic(bench_round, rounds=3, iterations=1)
+        return statistics.median(medians_ms) / 1e3
+    benchmark.pedantic(call, rounds=cpu_rounds, warmup_rounds=2, iterations=1)
+    return median_seconds(benchmark)
 
 
 # -------------------------------------------------------------------------------------------------- ceiling

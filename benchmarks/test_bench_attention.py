@@ -15,13 +15,10 @@ held to the dtype's bound of ``benchmarks.common.parity_tolerance``.
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Callable
-
 import pytest
 import torch
 
-from benchmarks.common import BenchSettings, max_rel_err, parity_tolerance
+from benchmarks.common import BenchSettings, kernel_seconds, max_rel_err, parity_tolerance
 from dit_fast import attention as A
 
 HEAD_DIMS = (64, 72)
@@ -30,22 +27,6 @@ CPU_BACKENDS = ("sdpa", "math")
 # (N, T, H) per device kind
 SHAPES = {"cuda": (64, 256, 16), "cpu": (2, 64, 2)}
 
-
-def _seconds(benchmark, call: Callable[[], torch.Tensor], device: torch.device) -> float | None:
-    """Median seconds of one call; on CUDA each benchmark round is one ``triton.testing.do_bench``."""
-    if device.type == "cuda":
-        import triton.testing
-
-        medians_ms: list[float] = []
-
-        def bench_round() -> None:
-            medians_ms.append(triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median"))
-
-        benchmark.pedantic(bench_round, rounds=3, iterations=1)
-        return statistics.median(medians_ms) / 1e3
-    benchmark.pedantic(call, rounds=10, warmup_rounds=2, iterations=1)
-    stats = getattr(benchmark, "stats", None)
-    return None if stats is None else float(stats.stats.median)
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda hd: f"hd{hd}")
@@ -63,7 +44,7 @@ def test_attention_backend(benchmark, bench_settings: BenchSettings, backend: st
     qkv = torch.randn(n, t, 3, h, head_dim, generator=gen).to(device, dtype)
     fn = A.BACKENDS[backend].fn
     benchmark.group = f"attention hd{head_dim}"
-    seconds = _seconds(benchmark, lambda: fn(qkv), device)
+    seconds = kernel_seconds(benchmark, lambda: fn(qkv), device, cpu_rounds=10)
 
     out = fn(qkv)
     oracle = A.math_attention(qkv.float())

@@ -17,7 +17,6 @@ against the plain reference in fp32 on the same inputs; asserted under the dtype
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 import dit_fast.kernels as K
+from benchmarks.common import kernel_seconds
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the fused kernels are timed on CUDA only)")
@@ -139,22 +139,6 @@ def _callable(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], args: 
     return step
 
 
-def _time(benchmark, call: Callable[[], tuple[torch.Tensor, ...]], device: str) -> float | None:
-    """Median seconds of one call; on CUDA each benchmark round is one ``triton.testing.do_bench``."""
-    if device == "cuda":
-        import triton.testing
-
-        medians_ms: list[float] = []
-
-        def bench_round() -> None:
-            medians_ms.append(triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median"))
-
-        benchmark.pedantic(bench_round, rounds=3, iterations=1)
-        return statistics.median(medians_ms) / 1e3
-    benchmark.pedantic(call, rounds=20, warmup_rounds=2, iterations=1)
-    stats = getattr(benchmark, "stats", None)
-    return None if stats is None else float(stats.stats.median)
-
 
 def _max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
     return max(((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30)).item()
@@ -175,7 +159,7 @@ def test_kernel(benchmark, op: str, impl: str, mode: str, batch: int, device: st
     grad_outputs = [torch.randn(o.shape, generator=gen).to(device) for o in outputs]  # fp32, shared with the oracle
     call = _callable(fn, args, mode, grad_outputs)
     benchmark.group = f"kernel {op}"
-    seconds = _time(benchmark, call, device)
+    seconds = kernel_seconds(benchmark, call, device, cpu_rounds=20)
 
     fp32_args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
     err = _max_rel_err(call(), _callable(spec.ref, fp32_args, mode, grad_outputs)())
