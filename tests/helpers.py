@@ -1,10 +1,13 @@
-"""Shared test helpers: one ``assert_close`` that reports the worst elements, fixture paths."""
+"""Shared test helpers: one ``assert_close`` that reports the worst elements, fixture paths, tiny random DiTs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from dit_fast.reference import DiT
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -61,3 +64,20 @@ def load_official_fixture(prefix: str) -> dict[str, torch.Tensor]:
     tensors = load_file(str(OFFICIAL_FIXTURE))
     p = prefix + "."
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def perturb_(model: nn.Module, scale: float) -> nn.Module:
+    """Add ``scale`` * N(0, 1) (global RNG) to every parameter in place and return ``model``: adaLN-Zero's zero init
+    would otherwise make every block's contribution, and most gradients, zero."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def tiny_dit(depth: int = 1, scale: float = 0.02, in_channels: int = 1, input_size: int = 8) -> DiT:
+    """A digits-shaped reference DiT (hidden 32, 2 heads, patch 2, 10 classes) seeded 0, perturbed, in eval mode."""
+    torch.manual_seed(0)
+    model = DiT(input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=depth,
+                num_heads=2, num_classes=10)
+    return perturb_(model, scale).eval()

@@ -20,18 +20,14 @@ from dit_fast.diffusion import CFGModel
 from dit_fast.model import DiTFast
 from dit_fast.reference import DiT
 from dit_fast.sample import generate, sample_batch
-from tests.helpers import max_rel_err
+from tests.helpers import max_rel_err, tiny_dit
 
 
 def _pair(depth: int = 2) -> tuple[DiT, DiTFast]:
-    torch.manual_seed(0)
-    ref = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=10)
-    with torch.no_grad():  # perturb adaLN-Zero's zeros so that every block contributes
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    ref = tiny_dit(depth, scale=0.05)
     fast = DiTFast.from_config(ref.config)
     fast.load_state_dict(ref.state_dict())
-    return ref.eval(), fast.eval()
+    return ref, fast.eval()
 
 
 REF, FAST = _pair()

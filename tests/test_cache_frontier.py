@@ -5,22 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from benchmarks.cache_frontier import main
 from dit_fast.checkpoints import save_checkpoint
-from dit_fast.reference import DiT
+from tests.helpers import tiny_dit
 
 pytest.importorskip("sklearn", reason="the digits scorer needs scikit-learn")
 
 
 def test_frontier_writes_table_json_and_rerenders(tmp_path):
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    save_checkpoint(model.eval(), tmp_path / "tiny")
+    save_checkpoint(tiny_dit(), tmp_path / "tiny")
     out = tmp_path / "frontier"
     assert main(["--ckpt", str(tmp_path / "tiny"), "--samples", "20", "--samplers", "ddim-6", "--policies", "fora:2",
                  "adaptive:0.1", "auto", "--min-time", "0", "--out", str(out)]) == 0

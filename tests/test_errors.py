@@ -25,20 +25,12 @@ from dit_fast.checkpoints import save_checkpoint
 from dit_fast.cli import main as cli_main
 from dit_fast.reference import DiT
 from dit_fast.validation import UserError, check_free_space, check_output_dir, check_output_file, float_arg, int_arg
+from tests.helpers import tiny_dit
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 CLI = [sys.executable, "-m", "dit_fast.cli"]
 TRAIN = ["train", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--impl", "reference", "--no-eval",
          "--no-progress", "--threads", "1"]
-
-
-def _tiny() -> DiT:
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
 
 
 class _Evil:
@@ -95,12 +87,12 @@ def _cases(d: Path) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     d = tmp_path_factory.mktemp("errors")
-    model = _tiny()
+    model = tiny_dit()
     save_checkpoint(model, d / "tiny")
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
     save_checkpoint(model, d / "nan")
-    model = _tiny()
+    model = tiny_dit()
     with torch.no_grad():  # finite weights whose output overflows to inf at the first step
         model.final_layer.linear.weight.fill_(1e38)
     save_checkpoint(model, d / "overflow")

@@ -15,26 +15,16 @@ from PIL import Image
 
 from dit_fast.checkpoints import save_checkpoint
 from dit_fast.cli import main as cli_main
-from dit_fast.reference import DiT
 from dit_fast.sample import generate, save_grid, write_npz
+from tests.helpers import tiny_dit
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _tiny(in_channels: int = 1, input_size: int = 8) -> DiT:
-    torch.manual_seed(0)
-    model = DiT(input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=1, num_heads=2,
-                num_classes=10)
-    with torch.no_grad():  # leave adaLN-Zero's zero init so the output depends on the input and label
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(_tiny(), path)
+    save_checkpoint(tiny_dit(), path)
     return path
 
 
@@ -53,7 +43,7 @@ def test_sample_writes_grid_and_npz(ckpt, tmp_path):
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
 def test_samples_do_not_depend_on_batch_size(sampler):
-    model, labels = _tiny(), torch.tensor([1, 2, 3, 4, 5])
+    model, labels = tiny_dit(), torch.tensor([1, 2, 3, 4, 5])
     kw = {"sampler": sampler, "num_steps": 3, "cfg_scale": 1.5, "seed": 3, "progress": False}
     whole = generate(model, labels, batch_size=5, **kw)
     parts = torch.cat([generate(model, labels[:2], batch_size=2, **kw),
@@ -86,7 +76,7 @@ def test_latent_model_decodes_with_vae(tmp_path):
     AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                   latent_channels=4).save_pretrained(tmp_path / "vae")
-    save_checkpoint(_tiny(in_channels=4, input_size=4), tmp_path / "latent")
+    save_checkpoint(tiny_dit(in_channels=4, input_size=4), tmp_path / "latent")
     base = ["sample", "--ckpt", str(tmp_path / "latent"), "--num-samples", "3", "--sampler", "ddim",
             "--num-sampling-steps", "2", "--no-progress", "--out", str(tmp_path / "g.png")]
     with pytest.raises(SystemExit, match="latent model .* pass --vae"):

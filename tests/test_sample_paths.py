@@ -13,17 +13,13 @@ from dit_fast.cli import main as cli_main
 from dit_fast.model import CUDAGraphRunner, DiTFast
 from dit_fast.reference import DiT
 from dit_fast.sample import generate, sample_batch, sampling_network
-from tests.helpers import max_rel_err
+from tests.helpers import max_rel_err, tiny_dit
 
 CUDA = torch.cuda.is_available()
 
 
 def _tiny() -> DiTFast:
-    torch.manual_seed(0)
-    ref = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    ref = tiny_dit(depth=2, scale=0.05)
     fast = DiTFast.from_config(ref.config)
     fast.load_state_dict(ref.state_dict())
     return fast.eval()

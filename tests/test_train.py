@@ -24,7 +24,7 @@ from dit_fast.cli import main as cli_main
 from dit_fast.config import DiTConfig
 from dit_fast.distributed import compile_and_shard
 from dit_fast.train import atomic_save, build_model, list_checkpoints, load_train_checkpoint, resolve_resume
-from tests.helpers import assert_close
+from tests.helpers import assert_close, perturb_
 
 TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--impl", "reference", "--no-eval",
         "--no-progress", "--threads", "1", "--log-every", "1000"]
@@ -121,10 +121,7 @@ def test_fsdp_compile_compiles_blocks_then_shards(tmp_path, impl):
     config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
                        num_classes=7)
     torch.manual_seed(0)
-    model = build_model(config, impl)
-    with torch.no_grad():  # the adaLN-Zero init makes every block's contribution, and most gradients, zero
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_(build_model(config, impl), 0.05)
     eager = copy.deepcopy(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
