@@ -108,20 +108,16 @@ class FixedInterval(CachePolicy):
 
 
 @dataclass(frozen=True)
-class TaylorForecast(CachePolicy):
-    """TaylorSeer: a full step every ``interval`` steps; in between, each branch output is forecast by a Taylor
-    expansion of ``order`` (1 or 2) in the step count, from finite differences of the last full steps."""
+class TaylorForecast(FixedInterval):
+    """TaylorSeer: ``FixedInterval``'s full steps; in between, each branch output is forecast by a Taylor expansion of
+    ``order`` (1 or 2) in the step count, from finite differences of the last full steps."""
 
-    interval: int
     order: int = 1
 
     def __post_init__(self) -> None:
-        _check_interval(self.interval)
+        super().__post_init__()
         if self.order not in (1, 2):
             raise ValueError(f"Taylor forecast order must be 1 or 2, got {self.order!r}")
-
-    def should_compute(self, since_full: int, change: float | None) -> bool:
-        return since_full >= self.interval
 
     @property
     def spec(self) -> str:
