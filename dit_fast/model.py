@@ -17,9 +17,9 @@ function. What differs is how a forward is computed (D hidden, T tokens, N batch
 so each block boundary is one pass over the residual stream (the MLP residual of block i fused with the norm of
 block i+1's attention branch), and qkv is viewed as (N, T, 3, H, hd) for the attention backend with no copy.
 
-Backends: ``kernels="auto" | "triton" | "torch"`` (the ``dit_fast.kernels`` ops, which run Triton on CUDA, or their
-plain-PyTorch ``_ref`` twins, which ``torch.compile`` fuses on the CPU; default ``$DIT_FAST_KERNELS``, else Triton
-on CUDA and torch elsewhere) and ``attention=`` any name of ``dit_fast.attention.BACKENDS`` or "auto".
+Backends: ``kernels="auto" | "triton" | "onednn" | "torch"`` (``dit_fast.kernels.registry``: the Triton row kernels
+on CUDA, the CPU's oneDNN GEMM epilogues, or plain PyTorch; default ``$DIT_FAST_KERNELS``, else triton on CUDA and
+onednn on the CPU) and ``attention=`` any name of ``dit_fast.attention.BACKENDS`` or "auto".
 
 Precision: the conditioning (timestep MLP, c) is computed in fp32 whatever the weights' dtype, and ``silu(c)`` is cast
 once to the dtype the adaLN linears compute in; the fused norms compute in fp32 internally; the residual stream keeps
@@ -30,11 +30,10 @@ autocast dtype.
 
 Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
 weight. With gradients, each block computes its own adaLN from its own parameters (no cross-block parameter access,
-so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). On the CPU the linears run
-through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.onednn``); on
-CUDA, without gradients, fc1's bias and GELU run in cuBLASLt's GEMM epilogue (``dit_fast.kernels.linear_gelu``). The
-kernel sets come from ``dit_fast.kernels.registry``; ARCHITECTURE.md at the repository root places the model among
-the other layers.
+so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). The linears run through the
+kernel set's ``linear`` (``dit_fast.kernels.linear``): oneDNN with the bias fused (and the GELU, without gradients) on
+the CPU, cuBLASLt's bias + GELU epilogue on CUDA without gradients, plain ``F.linear`` for "torch". ARCHITECTURE.md
+at the repository root places the model among the other layers.
 """
 
 from __future__ import annotations
@@ -46,11 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dit_fast import kernels as K
 from dit_fast import reference
 from dit_fast.attention import attention, require_backend
 from dit_fast.kernels.registry import KERNELS, KERNELS_ENV_VAR, KernelOps, require_kernels, resolve_kernels
-from dit_fast.onednn import fused_linear, onednn_linear
 from dit_fast.reference import (
     DiT,
     guided_forward,
@@ -58,10 +55,8 @@ from dit_fast.reference import (
     timestep_embedding,
 )
 
-# The kernel-set registry now lives with the kernels (dit_fast.kernels.registry) and the oneDNN linear in
-# dit_fast.onednn; both stay importable from here.
-__all__ = ["KERNELS", "KERNELS_ENV_VAR", "DiTFast", "DiT_models", "KernelOps", "fused_linear", "onednn_linear",
-           "require_kernels", "resolve_kernels"]
+# The kernel-set registry lives with the kernels (dit_fast.kernels.registry); it stays importable from here.
+__all__ = ["KERNELS", "KERNELS_ENV_VAR", "DiTFast", "DiT_models", "KernelOps", "require_kernels", "resolve_kernels"]
 
 
 def _autocasting(device_type: str) -> bool:
@@ -98,6 +93,15 @@ class TimestepEmbedder(reference.TimestepEmbedder):
             return F.linear(h, fc2.weight.float(), fc2.bias.float())  # (N, D)
 
 
+def _linear(layer: torch.nn.Module, x: torch.Tensor, ops: KernelOps, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (then tanh-GELU) through the kernel set's ``linear`` (GEMM epilogue routes) when ``layer`` is a
+    plain ``nn.Linear`` without hooks; a wrapped or hooked layer is called as a module: (..., K) -> (..., N)."""
+    if type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks):
+        return ops.linear(x, layer.weight, layer.bias, gelu)
+    out = layer(x)
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
 class Attention(reference.Attention):
     """Self-attention: one fused qkv projection viewed as (N, T, 3, H, hd), a registry backend, the projection."""
 
@@ -105,27 +109,18 @@ class Attention(reference.Attention):
         super().__init__(dim, num_heads)
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = fused_linear(x, self.qkv).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, T, 3, H, hd), a view
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        qkv = _linear(self.qkv, x, ops).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, T, 3, H, hd), a view
         out = attention(qkv, self.backend)  # (N, T, H, hd)
-        return fused_linear(out.flatten(2), self.proj)  # (N, T, D)
+        return _linear(self.proj, out.flatten(2), ops)  # (N, T, D)
 
 
 class Mlp(reference.Mlp):
-    """The reference MLP (same parameters) with fc1's bias + GELU in the GEMM epilogue where no gradient is needed:
-    cuBLASLt's (``dit_fast.kernels.linear_gelu``) on CUDA, oneDNN's (``fused_linear``) on the CPU.
+    """The reference MLP (same parameters), fc1's bias + tanh-GELU in the GEMM epilogue where the kernel set's
+    ``linear`` has one (cuBLASLt on CUDA, oneDNN on the CPU, without gradients); ``kernels="torch"``: plain PyTorch."""
 
-    With gradients fc1 is a linear (bias still in the epilogue) plus a GELU: autograd keeps the pre-activation for
-    the GELU's backward, cheaper than recomputing it with a second GEMM (what ``linear_gelu``'s backward does).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc1 = self.fc1
-        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)):
-            h = K.linear_gelu(x, fc1.weight, fc1.bias)  # (N, T, 4D)
-        else:
-            h = fused_linear(x, fc1, gelu=True)  # (N, T, 4D)
-        return fused_linear(h, self.fc2)  # (N, T, D)
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        return _linear(self.fc2, _linear(self.fc1, x, ops, gelu=True), ops)  # (N, T, 4D) -> (N, T, D)
 
 
 class DiTFastBlock(reference.DiTBlock):
@@ -165,9 +160,9 @@ class DiTFastBlock(reference.DiTBlock):
             h = ops.modulated_layer_norm(x, shift_msa, scale_msa, self.norm1.eps)  # (N, T, D)
         else:
             x, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift_msa, scale_msa, self.norm1.eps)
-        x, h = ops.gated_residual_modulated_layer_norm(x, gate_msa, self.attn(h), shift_mlp, scale_mlp,
+        x, h = ops.gated_residual_modulated_layer_norm(x, gate_msa, self.attn(h, ops), shift_mlp, scale_mlp,
                                                        self.norm2.eps)
-        return x, gate_mlp, self.mlp(h)
+        return x, gate_mlp, self.mlp(h, ops)
 
     def forward_from_branches(self, x: torch.Tensor, silu_c: torch.Tensor, gate: torch.Tensor | None = None,
                               branch: torch.Tensor | None = None, mod: torch.Tensor | None = None, *,
@@ -193,7 +188,7 @@ class FinalLayer(reference.FinalLayer):
         mod = _adaln(self.adaLN_modulation[1], silu_c)  # (N, 2D)
         shift, scale = mod.chunk(2, dim=1)
         _, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift, scale, self.norm_final.eps)
-        return fused_linear(h, self.linear)
+        return _linear(self.linear, h, ops)
 
 
 class DiTFast(DiT):

@@ -114,13 +114,12 @@ def test_train_py_stays_small():
 def test_moved_names_still_import_from_their_old_modules():
     from dit_fast import kernels as K
     from dit_fast import model as M
-    from dit_fast import onednn, train, train_state
+    from dit_fast import train, train_state
     from dit_fast.kernels import registry
 
     for name in ("KERNELS", "KERNELS_ENV_VAR", "KernelOps", "require_kernels", "resolve_kernels"):
         assert getattr(M, name) is getattr(registry, name)
     assert K.KERNELS is registry.KERNELS and K.resolve_kernels is registry.resolve_kernels
-    assert M.onednn_linear is onednn.onednn_linear and M.fused_linear is onednn.fused_linear
     for name in ("atomic_save", "list_checkpoints", "load_train_checkpoint", "resolve_resume", "rng_state",
                  "set_rng_state", "state_dicts", "load_state_dicts", "new_experiment_dir", "seed_everything",
                  "setup_distributed", "all_reduce_mean", "broadcast_object", "Dist", "peak_flops", "DIGITS_RECIPE",
