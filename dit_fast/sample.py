@@ -30,6 +30,7 @@ import math
 import os
 import zipfile
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from dit_fast.data import mix_seed
 from dit_fast.diffusion import CFGModel, create_diffusion
 from dit_fast.distributed import barrier, cleanup, setup_distributed
 from dit_fast.files import atomic_write
+from dit_fast.hardware import inference_dtype
 from dit_fast.model import CUDAGraphRunner, DiTFast
 from dit_fast.reference import check_labels
 from dit_fast.vae import VAE
@@ -105,15 +107,16 @@ def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels
                  sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
                  guide_channels: int | str = 3, interval: tuple[int, int] | None = None, null_class: int,
                  clip_denoised: bool = False, diffusion_steps: int = 1000, progress: bool = False,
-                 dtype: torch.dtype = torch.float32, cache: str | CachePolicy | None = None,
+                 dtype: torch.dtype | None = None, cache: str | CachePolicy | None = None,
                  cache_stats: dict[str, int] | None = None, monitor: NonFiniteMonitor | None = None
                  ) -> torch.Tensor:
     """Run one sampler from ``noise`` (N, C, H, W) for ``labels`` (N,): -> samples (N, C, H, W) float32.
 
     ``model(x, t, y)`` is the network (a DiT, a ``CUDAGraphRunner`` or any callable). Guidance (``cfg_scale`` > 1)
     runs through ``dit_fast.diffusion.CFGModel``: one doubled pass per step, through the model's own
-    ``forward_with_cfg`` when it has one. The network runs under autocast in ``dtype`` when that is not fp32; the
-    sampler's arithmetic stays fp32. ``cache`` is a step-caching policy (``dit_fast.cache``; needs a DiT module);
+    ``forward_with_cfg`` when it has one. The network takes its input in ``dtype`` (its weights' dtype: None keeps
+    the sampler's fp32) and its output is widened to fp32: the sampler's arithmetic stays fp32, no autocast.
+    ``cache`` is a step-caching policy (``dit_fast.cache``; needs a DiT module);
     ``cache_stats``, when given, has its "full_steps" and "cached_steps" counts increased by this run's.
     ``monitor`` (a ``NonFiniteMonitor``) watches the guided network's outputs.
     """
@@ -121,11 +124,9 @@ def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     guided = CFGModel(model, cfg_scale, null_class, guide_channels=guide_channels, interval=interval)
     device = noise.device
-    autocast = dtype != torch.float32
 
     def network(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            return guided(x, t, y).float()
+        return guided(x if dtype is None else x.to(dtype), t, y).float()
 
     call: Callable[..., torch.Tensor] = network
     if monitor is not None:
@@ -150,6 +151,22 @@ def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels
     return out
 
 
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (fp32 for a model without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def cast_for_sampling(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """``model`` itself when ``dtype`` is None or its weights' dtype, else a copy cast once to ``dtype`` for
+    inference (``DiTFast.for_inference``: fp32 residual stream; other modules: ``.to(dtype)``), in eval mode."""
+    if dtype is None or weights_dtype(model) == dtype:
+        return model
+    cast = deepcopy(model)
+    if isinstance(cast, DiTFast):
+        return cast.for_inference(dtype)
+    return cast.eval().requires_grad_(False).to(dtype)
+
+
 def sampling_network(model: torch.nn.Module, device: torch.device, *, cuda_graph: bool = False,
                      cache: CachePolicy | None = None) -> Callable[..., torch.Tensor]:
     """What the samplers call: ``model`` itself, or with ``cuda_graph`` a ``CUDAGraphRunner`` over it (CUDA and
@@ -168,13 +185,15 @@ def sampling_network(model: torch.nn.Module, device: torch.device, *, cuda_graph
 def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "ddpm", num_steps: int = 250,
              cfg_scale: float = 1.0, guide_channels: int | str = 3, interval: tuple[int, int] | None = None,
              seed: int = 0, first_index: int = 0, batch_size: int = 32, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, clip_denoised: bool = False, progress: bool = True,
+             dtype: torch.dtype | None = None, clip_denoised: bool = False, progress: bool = True,
              cache: str | CachePolicy | None = None, cuda_graph: bool = False,
              cache_stats: dict[str, int] | None = None) -> torch.Tensor:
     """Sample a DiT for every label: labels (N,) -> (N, C, H, W) float32 in the model's space (pixels or scaled
     latents), on the CPU. Sample k is global sample ``first_index + k`` for seeding (see the module docstring).
 
-    ``dtype`` bf16 runs the network under autocast (the sampler's arithmetic stays fp32). ``clip_denoised``
+    ``dtype``: the weights' dtype to sample in (None: the model's own). A model in another dtype is cast once, as a
+    copy (``cast_for_sampling``; cast in place first, e.g. ``DiTFast.for_inference(torch.bfloat16)``, to save the
+    memory); no step autocasts. The sampler's arithmetic stays fp32. ``clip_denoised``
     clips each x_0 prediction to [-1, 1]: right for pixel-space models; latent models are not clipped (as the
     official sample_ddp.py). ``cache``: a step-caching policy or spec (``dit_fast.cache``; "none" or None: off,
     bit-identical), fresh for every batch. ``cuda_graph``: on CUDA, run a DiTFast through CUDA graphs captured
@@ -187,6 +206,8 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
         raise ValueError("this model was trained without label dropout (no null class): guidance needs cfg_scale 1")
     device = torch.device(device)
     cache = parse_cache(cache, num_steps)
+    model = cast_for_sampling(model, dtype)
+    dtype = weights_dtype(model)
     network = sampling_network(model, device, cuda_graph=cuda_graph, cache=cache)
 
     shape = (cfg.in_channels, *cfg.grid_input)
@@ -266,8 +287,10 @@ def write_npz(path: str | os.PathLike, shards: list[np.ndarray | str | os.PathLi
 # ---------------------------------------------------------------------------------------------------- loading
 
 def load_model(ckpt: str, *, model_name: str | None, image_size: int | None, num_classes: int | None,
-               impl: str, device: torch.device, vae_factor: int = 8) -> tuple[torch.nn.Module, str]:
-    """Load any supported checkpoint (eval mode) on ``device``; returns the model and a one-line description.
+               impl: str, device: torch.device, vae_factor: int = 8,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, str]:
+    """Load any supported checkpoint (eval mode, no gradients) on ``device`` straight into ``dtype`` (a DiTFast
+    through ``for_inference``); returns the model and a one-line description.
 
     ``--model``/``--image-size``/``--num-classes`` only fill what the file does not store; where it stores them
     and they differ, the checkpoint loader's error says so.
@@ -279,8 +302,12 @@ def load_model(ckpt: str, *, model_name: str | None, image_size: int | None, num
         options["num_classes"] = num_classes
     if image_size is not None:
         options["input_size"] = image_size // vae_factor
-    result = load_checkpoint(ckpt, model_cls=DiTFast if impl == "fast" else None, device=device, **options)
-    return result.model, result.summary().splitlines()[0] + f"; numerics {result.numerics}"
+    result = load_checkpoint(ckpt, model_cls=DiTFast if impl == "fast" else None, device=device, dtype=dtype,
+                             **options)
+    model = result.model.requires_grad_(False)
+    if isinstance(model, DiTFast):
+        model.for_inference(dtype)
+    return model, result.summary().splitlines()[0] + f"; numerics {result.numerics}"
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -312,7 +339,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-images", type=positive_int, default=64)
     parser.add_argument("--npz", default=None, help="also write all samples as an ADM-evaluator .npz")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network autocast dtype")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="weights' dtype, cast once at load (auto: bf16 where the device has native bf16 GEMMs, "
+                             "CUDA sm_80+ or an AVX512-BF16/AMX CPU, else fp32; fp32 reproduces published numbers)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="CUDA only, DiTFast only: capture the network once per batch shape as a CUDA graph and "
@@ -361,8 +390,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
         impl = args.impl or "fast"
+        dtype, dtype_reason = inference_dtype(d.device, args.dtype)
         model, description = load_model(args.ckpt, model_name=args.model, image_size=args.image_size,
-                                        num_classes=args.num_classes, impl=impl, device=d.device)
+                                        num_classes=args.num_classes, impl=impl, device=d.device, dtype=dtype)
         check_finite_weights(model.state_dict(), args.ckpt)
         cfg = model.config
         vae = None
@@ -386,7 +416,8 @@ def main(args: argparse.Namespace) -> int:
         per_rank = math.ceil(n / d.world_size)
         lo, hi = min(n, d.rank * per_rank), min(n, (d.rank + 1) * per_rank)
         if d.is_main:
-            print(f"{description}\nsampling {n} images ({args.sampler}-{args.num_sampling_steps}, cfg "
+            print(f"{description}\ndtype {str(dtype).removeprefix('torch.')} ({dtype_reason})\n"
+                  f"sampling {n} images ({args.sampler}-{args.num_sampling_steps}, cfg "
                   f"{args.cfg_scale}, guide {args.guide_channels}, cache {cache.spec if cache else 'none'}"
                   f"{', CUDA graphs' if args.cuda_graph else ''}) on {d.world_size} process(es)", flush=True)
         cache_stats: dict[str, int] = {}
@@ -394,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
                      cfg_scale=args.cfg_scale, guide_channels="all" if args.guide_channels == "all" else 3,
                      interval=tuple(args.guidance_interval) if args.guidance_interval else None, seed=args.seed,
                      first_index=lo, batch_size=args.batch_size, device=d.device,
-                     dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, clip_denoised=vae is None,
+                     clip_denoised=vae is None,
                      progress=d.is_main and not args.no_progress, cache=cache, cuda_graph=args.cuda_graph,
                      cache_stats=cache_stats)
         if cache is not None and d.is_main:
