@@ -2,8 +2,9 @@
 
 - ``--dit-*`` options size a run (``pytest benchmarks/ --help`` lists them under "dit-fast benchmarks");
 - ``bench_settings``: the resolved ``benchmarks.common.BenchSettings``;
-- ``matmul_ceiling``: the run's ``benchmarks.common.MatmulCeiling`` (fp32 on a CPU, bf16 on a GPU by default),
-  measured once per session so every case's "fraction of ceiling" is a ratio of one run;
+- ``matmul_ceiling``: the run's ``benchmarks.common.MatmulCeiling`` in the run's dtype (the fastest GEMM route over
+  the model level's linear shapes), measured once per session so every case's "fraction of ceiling" is a ratio of
+  one run;
 - the JSON's ``machine_info`` gains the CPU model, GPU, driver and package versions (``environment_info``);
 - with ``--benchmark-json=RUN.json`` the Markdown report (``RUN.md``) and plot (``RUN.png``) are written next to it
   at the end of the session (``benchmarks.report``).
@@ -66,7 +67,8 @@ def bench_settings(pytestconfig: pytest.Config) -> BenchSettings:
 
 @pytest.fixture(scope="session")
 def matmul_ceiling(bench_settings: BenchSettings) -> MatmulCeiling:
-    return measure_matmul_ceiling(bench_settings.device, bench_settings.dtype)
+    size = bench_settings.sizing("model")  # the ceiling's GEMM shapes: the model level's linears
+    return measure_matmul_ceiling(bench_settings.device, bench_settings.dtype, size.config, size.batch)
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:

@@ -37,11 +37,16 @@ _REDUCED = (torch.bfloat16, torch.float16)
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     """CPU linear through oneDNN with the bias (and, for inference, tanh-GELU) fused into the GEMM.
 
-    x (..., K), weight (N, K) (any strides), bias (N,) or None -> (..., N), all one dtype that oneDNN supports here.
-    Differentiable without the GELU (the input gradient through oneDNN too; the weight gradient through ``mm``).
+    x (..., K), weight (N, K) (any strides), bias (N,) or None, one dtype -> (..., N) in that dtype. bf16/fp16 where
+    oneDNN has no GEMM for them run in fp32 on widened operands inside the op (one op in a trace, as on a CPU that
+    has one). Differentiable without the GELU (the input gradient through oneDNN too; the weight gradient through
+    ``mm``).
     """
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
-                                              "tanh" if gelu else "")
+    dtype = x.dtype
+    if dtype != torch.float32 and not onednn_supports(dtype):
+        x, weight, bias = x.float(), weight.float(), None if bias is None else bias.float()
+    out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
+    return out.to(dtype)
 
 
 @onednn_linear.register_fake
@@ -127,13 +132,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
     if x.device.type != "cpu" or not same_dtype or torch.is_autocast_enabled("cpu"):
         return linear_ref(x, weight, bias, gelu)
-    route = cpu_linear_route(x.dtype)
-    if route == "torch":
+    if cpu_linear_route(x.dtype) == "torch":
         return linear_ref(x, weight, bias, gelu)
-    dtype = x.dtype
-    if route == "onednn-fp32":
-        x, weight, bias = x.float(), weight.float(), None if bias is None else bias.float()
-    out = onednn_linear(x, weight, bias, gelu and not needs_grad)
-    if gelu and needs_grad:
-        out = F.gelu(out, approximate="tanh")
-    return out.to(dtype)
+    out = onednn_linear(x, weight, bias, gelu and not needs_grad)  # bf16 widened inside where the CPU needs it
+    return F.gelu(out, approximate="tanh") if gelu and needs_grad else out
