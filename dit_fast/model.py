@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dit_fast import reference
 from dit_fast.attention import attention, require_backend
+from dit_fast.kernels.linear import cpu_linear_route
 from dit_fast.kernels.registry import KERNELS, KERNELS_ENV_VAR, KernelOps, require_kernels, resolve_kernels
 from dit_fast.reference import (
     DiT,
@@ -74,11 +75,12 @@ class PatchEmbed(reference.PatchEmbed):
     Keeps the official ``proj`` Conv2d so the state dict and the init are the reference's.
     """
 
-    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: KernelOps, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x (N, C, H, W) -> (N, T, D), computed in ``dtype`` (default: the weight's; autocast's under autocast)."""
         weight = self.proj.weight  # (D, C, p, p)
         patches = ops.patchify(x, self.patch_size)  # (N, T, C*p*p), each vector in (C, p, p) order
         if not _autocasting(x.device.type):
-            patches = patches.to(weight.dtype)
+            patches = patches.to(dtype or weight.dtype)
         return ops.linear(patches, weight.flatten(1), self.proj.bias)  # (N, T, D)
 
 
@@ -238,6 +240,7 @@ class DiTFast(DiT):
         )
         self.gradient_checkpointing = gradient_checkpointing
         self.residual_dtype: torch.dtype | None = None  # None: the embedded tokens' dtype (see for_inference)
+        self.activation_dtype: torch.dtype | None = None  # None: the weights' dtype (see for_inference)
         self._modulation_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
         self._capturing = False  # set by cuda_graph(): its warm-up and capture take the graph-safe path
         self.kernels = "auto"
@@ -252,13 +255,18 @@ class DiTFast(DiT):
         With bf16/fp16 weights the residual stream stays in ``residual_dtype`` (fp32 by default: the fused norms
         compute in fp32 anyway, and it halves the forward's error against fp64, e.g. 0.5% vs 1.1% max relative error
         at hidden 1152; the reference in bf16 shows 1.0%); None keeps it in ``dtype``. Every GEMM then runs on the
-        kernel set's fastest route for ``dtype`` (no per-step autocast, no weight re-casts). ``dtype`` fp32 is the
-        model as loaded (bit-reproducing published numbers). A later ``load_state_dict`` copies into these dtypes.
+        kernel set's fastest route for ``dtype`` (no per-step autocast). On a CPU without bf16/fp16 GEMMs (no
+        AVX512/AMX: oneDNN has none, ``F.linear`` runs a slow loop) the activations stay in fp32 and each GEMM widens
+        its weight (weight-only bf16: half the weight memory at fp32 speed; ``activation_dtype``). ``dtype`` fp32 is
+        the model as loaded (bit-reproducing published numbers). A later ``load_state_dict`` copies into these dtypes.
         """
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"for_inference: dtype must be float32, bfloat16 or float16, got {dtype}")
         self.eval().requires_grad_(False).to(dtype)
         self.residual_dtype = residual_dtype if dtype != torch.float32 else None
+        device = self.pos_embed.device
+        widened = dtype != torch.float32 and device.type == "cpu" and cpu_linear_route(dtype) == "onednn-fp32"
+        self.activation_dtype = torch.float32 if widened and self.kernels != "torch" else None
         return self
 
     def set_kernels(self, name: str) -> None:
@@ -303,7 +311,7 @@ class DiTFast(DiT):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (N, C, H, W) -> tokens with positions (N, T, D), in ``residual_dtype`` when set."""
-        tokens = self.x_embedder(x, self._ops(x)) + self.pos_embed
+        tokens = self.x_embedder(x, self._ops(x), self.activation_dtype) + self.pos_embed
         return tokens if self.residual_dtype is None else tokens.to(self.residual_dtype)
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -326,7 +334,7 @@ class DiTFast(DiT):
         """The dtype the adaLN linears compute in: autocast's when it is on, else their weights'."""
         if _autocasting(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        return self.final_layer.adaLN_modulation[1].weight.dtype
+        return self.activation_dtype or self.final_layer.adaLN_modulation[1].weight.dtype
 
     def _batched_modulation(self, silu_c: torch.Tensor) -> torch.Tensor | None:
         """Every block's adaLN output, (depth, N, 6D), in one GEMM; None where blocks must compute their own.
@@ -348,11 +356,12 @@ class DiTFast(DiT):
             return None
         if any(type(p.data) is not torch.Tensor for p in params):
             return None  # sharded or otherwise wrapped parameters (DTensor, ...)
-        key = (silu_c.dtype, *((p.data_ptr(), p._version) for p in params))
+        dtype = silu_c.dtype if self.activation_dtype is None else params[0].dtype  # widened per GEMM if need be
+        key = (dtype, *((p.data_ptr(), p._version) for p in params))
         if self._modulation_cache is None or self._modulation_cache[0] != key:
             with torch.no_grad():
-                weight = torch.cat([linear.weight for linear in linears]).to(silu_c.dtype)  # (depth*6D, D)
-                bias = torch.cat([linear.bias for linear in linears]).to(silu_c.dtype)  # (depth*6D,)
+                weight = torch.cat([linear.weight for linear in linears]).to(dtype)  # (depth*6D, D)
+                bias = torch.cat([linear.bias for linear in linears]).to(dtype)  # (depth*6D,)
             self._modulation_cache = (key, weight, bias)
         _, weight, bias = self._modulation_cache
         mods = self._ops(silu_c).linear(silu_c, weight, bias)  # (N, depth*6D): one GEMM on the fast route

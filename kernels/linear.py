@@ -11,6 +11,8 @@ One op, routed per call on the input's device, dtype and whether a gradient is n
   none (AVX2-only CPUs, e.g. AMD Zen 3), oneDNN refuses bf16 and ``F.linear`` in bf16 falls back to a scalar loop 5-7x
   slower than fp32, so the operands are widened to fp32 (exact: a bf16/fp16 value is an fp32 value), the GEMM runs
   in fp32 and the result is rounded once to the input dtype: a bf16 GEMM with fp32 accumulation, at fp32 speed.
+- CPU, fp32 activations with bf16/fp16 weights on such a CPU (``DiTFast.for_inference`` there: weight-only bf16):
+  the weight widened per call, the GEMM and its output in fp32.
 - Autocast, other dtypes or devices: ``linear_ref``.
 
 ``linear_ref`` is the plain-PyTorch oracle (``F.linear`` then ``F.gelu(approximate="tanh")``), the "torch" kernel
@@ -117,7 +119,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight.T + bias`` (then tanh-GELU when ``gelu``) on the fastest route here (see the module docstring).
 
     Args:
-        x: (..., K); weight (N, K); bias (N,) or None; one dtype outside autocast.
+        x: (..., K); weight (N, K); bias (N,) or None; one dtype outside autocast (or fp32 x with bf16/fp16 weights
+            on a CPU without a bf16/fp16 GEMM).
         gelu: apply DiT's tanh-GELU (fused into the GEMM's epilogue where no gradient is needed).
 
     Returns:
@@ -129,8 +132,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if gelu and bias is not None and not needs_grad:
             return linear_gelu(x, weight, bias)  # cuBLASLt, bias + GELU epilogue
         return linear_ref(x, weight, bias, gelu)
-    same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
-    if x.device.type != "cpu" or not same_dtype or torch.is_autocast_enabled("cpu"):
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return linear_ref(x, weight, bias, gelu)
+    if x.dtype == torch.float32 and weight.dtype in _REDUCED and cpu_linear_route(weight.dtype) == "onednn-fp32":
+        weight, bias = weight.float(), None if bias is None else bias.float()  # weight-only bf16: fp32 activations
+    if not (x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)):
         return linear_ref(x, weight, bias, gelu)
     if cpu_linear_route(x.dtype) == "torch":
         return linear_ref(x, weight, bias, gelu)
