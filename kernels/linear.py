@@ -97,9 +97,11 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
 def cpu_linear_route(dtype: torch.dtype) -> str:
     """The route ``linear`` takes for CPU tensors of ``dtype`` outside autocast: "onednn" (in ``dtype``),
-    "onednn-fp32" (bf16/fp16 operands widened to fp32, the result rounded back) or "torch" (``linear_ref``)."""
+    "onednn-fp32" (bf16/fp16 operands widened to fp32, the result rounded back) or "torch" (``linear_ref``).
+    A constant for the compiler (the probe runs eagerly, never on fake tensors)."""
     if dtype in (torch.float32, *_REDUCED) and onednn_supports(dtype):
         return "onednn"
     if dtype in _REDUCED and onednn_supports(torch.float32):

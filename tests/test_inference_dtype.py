@@ -94,3 +94,15 @@ def test_generate_casts_once_and_never_autocasts(monkeypatch):
     full = generate(fast, labels, **kw)
     ref_err = max_rel_err(generate(ref, labels, dtype=torch.bfloat16, **kw), generate(ref, labels, **kw))
     assert low.dtype == torch.float32 and max_rel_err(low, full) <= 2 * ref_err  # the plain reference's bf16 drift
+
+
+def test_compiled_bf16_model_takes_the_same_routes():
+    """``DiTFast.compile()`` on a bf16 model: the GEMM routes are constants for the compiler (no fake-tensor probe)."""
+    tiny = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    fast = DiTFast(**tiny)
+    fast.load_state_dict(randomized(DiT(**tiny)).state_dict())
+    fast.for_inference(torch.bfloat16)
+    compiled = copy.deepcopy(fast).compile()
+    x, t, y = torch.randn(2, 4, 8, 8).bfloat16(), torch.tensor([1, 500]), torch.tensor([1, 3])
+    with torch.no_grad():
+        assert max_rel_err(compiled(x, t, y), fast(x, t, y)) < 1e-2
