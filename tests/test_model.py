@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dit_fast
-from dit_fast import attention as A
-from dit_fast import model as M
-from dit_fast import onednn as O
 from dit_fast.kernels import registry as R
-from dit_fast.model import DiTFast
+from dit_fast.models import attention as A
+from dit_fast.models import dit as M
+from dit_fast.models import onednn as O
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
 from tests.helpers import assert_close, load_official_fixture, max_rel_err
 

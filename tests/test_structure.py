@@ -1,5 +1,5 @@
 """The package's shape: no import cycle in dit_fast, imports at module level (function-level ones only defer heavy
-optional packages), one atomic-write helper (``os.replace`` in one source file), and train.py kept small."""
+optional packages), one atomic-write helper (``os.replace`` in one source file)."""
 
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ def _import_graph() -> dict[str, set[str]]:
 
 def test_import_graph_is_acyclic():
     graph = _import_graph()
-    assert {"dit_fast.train", "dit_fast.sample", "dit_fast.model", "dit_fast.kernels.registry"} <= set(graph)
-    assert "dit_fast.distributed" in graph["dit_fast.train"] and "dit_fast.distributed" in graph["dit_fast.sample"]
+    assert {"dit_fast.training.trainer", "dit_fast.commands.sample", "dit_fast.models.dit",
+            "dit_fast.kernels.registry"} <= set(graph)
+    assert "dit_fast.utils.distributed" in graph["dit_fast.commands.sample"]
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:
@@ -96,7 +97,7 @@ def test_function_level_imports_only_defer_optional_packages():
 
 
 def test_env_reports_without_importing_the_model():
-    probe = "import sys, dit_fast.env; print('dit_fast.model' in sys.modules)"
+    probe = "import sys, dit_fast.commands.env; print('dit_fast.models.dit' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "False"
 
@@ -104,26 +105,4 @@ def test_env_reports_without_importing_the_model():
 def test_os_replace_in_one_source_file():
     sources = [p for top in ("dit_fast", "kernels", "benchmarks") for p in (ROOT / top).rglob("*.py")]
     users = sorted({str(p.resolve().relative_to(ROOT)) for p in sources if "os.replace" in p.read_text()})
-    assert users == ["dit_fast/files.py"], users
-
-
-def test_train_py_stays_small():
-    assert len((PACKAGE / "train.py").read_text().splitlines()) <= 450
-
-
-def test_moved_names_still_import_from_their_old_modules():
-    from dit_fast import kernels as K
-    from dit_fast import model as M
-    from dit_fast import onednn, train, train_state
-    from dit_fast.kernels import registry
-
-    for name in ("KERNELS", "KERNELS_ENV_VAR", "KernelOps", "require_kernels", "resolve_kernels"):
-        assert getattr(M, name) is getattr(registry, name)
-    assert K.KERNELS is registry.KERNELS and K.resolve_kernels is registry.resolve_kernels
-    assert M.onednn_linear is onednn.onednn_linear and M.fused_linear is onednn.fused_linear
-    for name in ("atomic_save", "list_checkpoints", "load_train_checkpoint", "resolve_resume", "rng_state",
-                 "set_rng_state", "state_dicts", "load_state_dicts", "new_experiment_dir", "seed_everything",
-                 "setup_distributed", "all_reduce_mean", "broadcast_object", "Dist", "peak_flops", "DIGITS_RECIPE",
-                 "OFFICIAL_RECIPE", "DIGITS_MODEL", "CHECKPOINT_FORMAT", "build_model", "update_ema"):
-        assert hasattr(train, name), name
-    assert train.list_checkpoints is train_state.list_checkpoints
+    assert users == ["dit_fast/utils/files.py"], users
