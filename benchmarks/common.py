@@ -28,7 +28,8 @@ further from the fp32 reference than its dtype allows: the suite checks parity w
 - ``ceiling_gflops``, ``ceiling_route``: the GEMM ceiling measured in the same run in the case's dtype (the fastest
   route over the model's linear shapes, ``measure_matmul_ceiling``); ``frac_ceiling`` = gflops / ceiling_gflops;
   on a GPU also ``mfu`` (the same ratio, the usual name there) and, for GPUs with a known datasheet, ``mfu_datasheet``
-  (against NVIDIA's dense bf16/fp16 tensor-core peak from ``dit_fast.hardware``: an upper bound no kernel reaches);
+  (against NVIDIA's dense bf16/fp16 tensor-core peak from ``dit_fast.utils.hardware``: an upper bound no kernel
+  reaches);
 - ``dtype``, ``device``; optionally ``seconds`` (the time of one call, when a benchmark round is not one call, e.g.
   one ``triton.testing.do_bench``; the report then uses it instead of the round's median) and ``gbps`` (achieved
   GB/s of a memory-bound case).
@@ -58,10 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.impls import IMPLS as _IMPLS
-from dit_fast.config import CONFIGS, DiTConfig, get_config, gflops
-from dit_fast.hardware import peak_flops
 from dit_fast.kernels.linear import onednn_linear, onednn_supports
+from dit_fast.models.config import CONFIGS, DiTConfig, get_config, gflops
 from dit_fast.reference import DiT
+from dit_fast.utils.hardware import peak_flops
 
 # -------------------------------------------------------------------------------------------------- run sizing
 
@@ -293,7 +294,7 @@ def build_model(config: DiTConfig, device: torch.device, dtype: torch.dtype = to
     and ``attention``) of ``config`` on ``device``, in eval mode without gradients, its weights ``state_dict`` (else
     the paper's init seeded by ``seed``), cast once to ``dtype`` as sampling does (``DiTFast.for_inference``: bf16
     weights, fp32 residual stream; the reference: ``.to(dtype)``)."""
-    from dit_fast.model import DiTFast
+    from dit_fast.models.dit import DiTFast
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -336,7 +337,7 @@ def impl_model(impl: str, config_name: str, device: torch.device, dtype: torch.d
         module = build_model(config, device, dtype, fast=False, state_dict=reference.state_dict())
         return ModelImpl(impl, module, config, dtype, "official", module)
     if impl == "dit_fast":
-        import_or_skip("dit_fast.model", "the dit_fast implementation")
+        import_or_skip("dit_fast.models.dit", "the dit_fast implementation")
         # kernels/attention "auto": the best available here; bf16/fp16 weights cast once, fp32 residual stream
         module = build_model(config, device, dtype, fast=True, state_dict=reference.state_dict())
         return ModelImpl(impl, module, config, dtype, "official", module)

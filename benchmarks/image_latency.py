@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import build_model
-from dit_fast.config import get_config
-from dit_fast.sample import generate
-from dit_fast.vae import VAE
+from dit_fast.models.config import get_config
+from dit_fast.models.vae import VAE
+from dit_fast.sampling.generate import generate
 
 SAMPLERS: tuple[tuple[str, int], ...] = (("ddpm", 250), ("ddim", 50), ("dpm++", 20))
 CACHES: tuple[str, ...] = ("none", "fora:2")

@@ -25,7 +25,7 @@ from benchmarks.common import (
     run_timed,
     strict_fp32,
 )
-from dit_fast.sample import generate
+from dit_fast.sampling.generate import generate
 
 CACHES = ("none", "fora:2")
 CFG_SCALE = 4.0

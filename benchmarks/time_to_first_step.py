@@ -24,7 +24,7 @@ CHILD = """
 import time, sys
 t0 = time.perf_counter()
 import torch
-from dit_fast.sample import load_model
+from dit_fast.sampling.generate import load_model
 t1 = time.perf_counter()
 dtype = {{"fp32": torch.float32, "bf16": torch.bfloat16}}[{dtype!r}]
 model, _ = load_model({path!r}, model_name={config!r}, image_size=None, num_classes=None, impl="fast",

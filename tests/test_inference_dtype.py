@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from dit_fast import hardware
-from dit_fast.model import DiTFast
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
-from dit_fast.sample import cast_for_sampling, generate
+from dit_fast.sampling.generate import cast_for_sampling, generate
+from dit_fast.utils import hardware
 from tests.helpers import max_rel_err
 
 # Hidden 1152 (DiT-XL's width, 16 heads of 72), 36 tokens (not a power of two), 2 blocks: XL's numerics, cheaply.

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dit_fast
-from dit_fast import attention as A
-from dit_fast import model as M
 from dit_fast.kernels import registry as R
-from dit_fast.model import DiTFast
+from dit_fast.models import attention as A
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
 from tests.helpers import assert_close, load_official_fixture, max_rel_err
 
@@ -420,15 +419,15 @@ def test_bad_backend_names_and_missing_packages(monkeypatch):
 
 def test_kernels_environment_default(monkeypatch):
     monkeypatch.setattr(R, "_warned", set())
-    monkeypatch.setenv(M.KERNELS_ENV_VAR, "triton")
-    assert M.resolve_kernels("auto", "cpu") == ("triton" if R._triton_installed() else "onednn")
-    assert M.resolve_kernels("torch", "cpu") == "torch"
-    monkeypatch.setenv(M.KERNELS_ENV_VAR, "bogus")
+    monkeypatch.setenv(R.ENV_VAR, "triton")
+    assert R.resolve_kernels("auto", "cpu") == ("triton" if R._triton_installed() else "onednn")
+    assert R.resolve_kernels("torch", "cpu") == "torch"
+    monkeypatch.setenv(R.ENV_VAR, "bogus")
     with pytest.warns(UserWarning, match="DIT_FAST_KERNELS=bogus is not usable"):
-        assert M.resolve_kernels("auto", "cpu") == ("onednn" if L._ONEDNN else "torch")
+        assert R.resolve_kernels("auto", "cpu") == ("onednn" if L._ONEDNN else "torch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        M.resolve_kernels("auto", "cpu")
+        R.resolve_kernels("auto", "cpu")
 
 
 def test_bad_inputs_raise():

@@ -15,11 +15,11 @@ import warnings
 
 import torch
 
-from dit_fast.attention import BACKENDS, ENV_VAR, available_backends, resolve_backend
-from dit_fast.hardware import inference_dtype
+from dit_fast.commands.arguments import positive_int
 from dit_fast.kernels.linear import cpu_linear_route
 from dit_fast.kernels.registry import KERNELS_ENV_VAR, available_kernels, resolve_kernels
-from dit_fast.validation import positive_int
+from dit_fast.models.attention import BACKENDS, ENV_VAR, available_backends, resolve_backend
+from dit_fast.utils.hardware import inference_dtype
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
