@@ -17,7 +17,8 @@ import torch
 
 from dit_fast.commands.arguments import positive_int
 from dit_fast.kernels.linear import cpu_linear_route
-from dit_fast.kernels.registry import KERNELS_ENV_VAR, available_kernels, resolve_kernels
+from dit_fast.kernels.registry import ENV_VAR as KERNELS_ENV_VAR
+from dit_fast.kernels.registry import available_kernels, resolve_kernels
 from dit_fast.models.attention import BACKENDS, ENV_VAR, available_backends, resolve_backend
 from dit_fast.utils.hardware import inference_dtype
 
