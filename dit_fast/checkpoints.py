@@ -58,8 +58,9 @@ diffusers' own forward); a dit-fast checkpoint follows the numerics it stores un
 diffusers' key layout: it copies the timestep and label embedders into every block
 (``transformer_blocks.{i}.norm1.emb``), splits qkv into ``attn1.to_q/to_k/to_v``, names the final adaLN
 ``proj_out_1`` and the final linear ``proj_out_2``, and does not store ``pos_embed`` (it recomputes the same sin-cos
-table). Converting from diffusers checks that the per-block embedder copies are identical. diffusers is not needed
-to convert.
+table). Identical per-block embedder copies (every released checkpoint) convert to the shared pair; copies that differ
+(a DiT built or trained in diffusers) convert exactly to a per-block-conditioned model
+(``DiTConfig.per_block_conditioning``), embedder i <-> block i's copy. diffusers is not needed to convert.
 
 Command line: ``dit-fast convert SRC DST --to {dit-fast,official,diffusers}``.
 """
@@ -105,7 +106,7 @@ DIFFUSERS_VERSION = "0.30.0"
 DIFFUSERS_NORM_EPS = 1e-5
 DIFFUSERS_CLASS_DROPOUT = 0.1  # hard-coded in diffusers' CombinedTimestepLabelEmbeddings
 FORMATS = ("dit-fast", "official", "diffusers")
-EMBEDDER_MISMATCH = ("error", "warn")
+EMBEDDER_MISMATCH = ("per-block", "warn", "error")
 
 DOWNLOAD_HINT = (
     "dit-fast never downloads weights; get them first:\n"
@@ -280,15 +281,16 @@ def read_checkpoint(
     num_classes: int | None = None,
     class_dropout_prob: float | None = None,
     use_model_weights: bool = False,
-    embedder_mismatch: str = "error",
+    embedder_mismatch: str = "per-block",
 ) -> Checkpoint:
     """Read any supported checkpoint into official-layout weights plus a config, checked against each other.
 
     Overrides (``model_name``, ``num_heads``, ``input_size``, ``num_classes``, ``class_dropout_prob``) fill in what
     the file cannot say (see the module docstring); for formats that store a config they must agree with it.
     ``numerics`` ("official" | "diffusers") overrides the numerics. ``use_model_weights`` takes a train.py
-    checkpoint's ``model`` weights instead of ``ema``. ``embedder_mismatch`` ("error" | "warn") is what to do when a
-    diffusers model's per-block embedder copies differ ("warn" keeps block 0's, which diffusers' final layer uses).
+    checkpoint's ``model`` weights instead of ``ema``. ``embedder_mismatch`` is what to do when a diffusers model's
+    per-block embedder copies differ: "per-block" (default) converts exactly to a per-block-conditioned model, "warn"
+    keeps block 0's copy (the one diffusers' final layer uses; lossy), "error" raises.
     """
     if numerics is not None and numerics not in NUMERICS:
         raise ValueError(f"numerics={numerics!r} must be one of {NUMERICS}")
@@ -537,6 +539,8 @@ def _read_diffusers(folder: Path, meta: dict[str, Any], hints: _Hints, embedder_
         notes.append("numerics: official (the default; pass numerics='diffusers' to reproduce diffusers' own forward: "
                      "timestep divisor 127, MLP-norm eps 1e-5)")
     diffusers_sd = _read_diffusers_weights(folder)
+    if embedder_mismatch == "per-block":
+        config = with_diffusers_conditioning(diffusers_sd, config)
     state_dict, mapped = from_diffusers_state_dict(diffusers_sd, config, embedder_mismatch=embedder_mismatch,
                                                    source=str(folder))
     notes.extend(mapped)
@@ -887,7 +891,8 @@ def config_from_diffusers(meta: Mapping[str, Any], numerics: str = "official",
 
 
 def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: DiTConfig) -> StateDict:
-    """Official layout -> diffusers ``DiTTransformer2DModel`` layout (embedders copied into every block).
+    """Official layout -> diffusers ``DiTTransformer2DModel`` layout: the shared embedders copied into every block,
+    or with ``config.per_block_conditioning`` embedder i (``t_embedder.{i}``, ``y_embedder.{i}``) into block i.
 
     ``pos_embed`` is dropped (diffusers recomputes the table). Every output tensor owns its storage, so the result
     can be saved with safetensors.
@@ -901,8 +906,22 @@ def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: DiTC
             for name, part in zip(_QKV, state_dict[f"{src}attn.qkv.{kind}"].chunk(3, dim=0), strict=True):
                 out[f"{dst}attn1.{name}.{kind}"] = part
         for ok, dk in _EMBEDDER_KEYS.items():
-            out[f"{dst}norm1.emb.{dk}"] = state_dict[ok]
+            out[f"{dst}norm1.emb.{dk}"] = state_dict[_embedder_key(ok, i, config)]
     return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _embedder_key(official: str, block: int, config: DiTConfig) -> str:
+    """``t_embedder.mlp.0.weight`` -> itself (shared), or ``t_embedder.{block}.mlp.0.weight`` (per block)."""
+    if not config.per_block_conditioning:
+        return official
+    module, _, rest = official.partition(".")
+    return f"{module}.{block}.{rest}"
+
+
+def with_diffusers_conditioning(state_dict: Mapping[str, torch.Tensor], config: DiTConfig) -> DiTConfig:
+    """``config`` with the conditioning layout of diffusers weights: shared when every block's embedder copy is
+    bitwise block 0's (every released checkpoint), per block when any differs (built or trained in diffusers)."""
+    return config.replace(per_block_conditioning=bool(_diverged_embedder_blocks(state_dict, config.depth)))
 
 
 def from_diffusers_state_dict(
@@ -913,27 +932,30 @@ def from_diffusers_state_dict(
 ) -> tuple[StateDict, list[str]]:
     """diffusers layout -> official layout (pos_embed regenerated); returns (state dict, notes).
 
-    Every missing/unexpected/mis-shaped diffusers key is listed in one error. The per-block embedder copies must be
-    identical; when they differ ``embedder_mismatch="error"`` raises, naming the blocks, and ``"warn"`` warns and
-    keeps block 0's (the copy diffusers' final layer uses).
+    Every missing/unexpected/mis-shaped diffusers key is listed in one error. With ``config.per_block_conditioning``
+    block i's embedder copy becomes embedder i, exactly (``with_diffusers_conditioning`` picks the layout).
+    Otherwise the copies must be identical; when they differ ``embedder_mismatch="warn"`` warns and keeps block 0's
+    (the copy diffusers' final layer uses), anything else raises, naming the blocks.
     """
     expected = {k: v.shape for k, v in to_diffusers_state_dict(_meta_tensors(config), config).items()}
     _check_keys(state_dict, expected, f"{source} does not fit a diffusers DiT with {_describe_config(config)}")
-    notes = []
-    diverged = _diverged_embedder_blocks(state_dict, config.depth)
+    notes = ["pos_embed regenerated (the fixed sin-cos table; diffusers does not store it)"]
+    diverged = [] if config.per_block_conditioning else _diverged_embedder_blocks(state_dict, config.depth)
     if diverged:
         detail = ", ".join(f"block {i} (max |diff| {d:.3g})" for i, d in diverged)
         message = (f"{source}: the per-block copies of the timestep/label embedders differ from block 0's in "
                    f"{detail}; a DiT has one shared embedder, so this model (fine-tuned in diffusers?) cannot be "
                    "converted exactly")
-        if embedder_mismatch == "error":
-            raise CheckpointError(message + "; pass embedder_mismatch='warn' (--allow-embedder-mismatch) to keep "
-                                            "block 0's copy, the one diffusers' final layer uses")
+        if embedder_mismatch != "warn":
+            raise CheckpointError(message + "; convert with per_block_conditioning (embedder_mismatch='per-block', "
+                                            "the default of read_checkpoint) to keep every copy, or pass "
+                                            "embedder_mismatch='warn' (--allow-embedder-mismatch) to keep block 0's")
         warnings.warn(message + "; keeping block 0's copy", stacklevel=2)
         notes.append(f"embedder copies differ in blocks {[i for i, _ in diverged]}; kept block 0's")
     out: StateDict = {ok: state_dict[dk] for ok, dk in _GLOBAL_KEYS.items()}
-    for ok, dk in _EMBEDDER_KEYS.items():
-        out[ok] = state_dict[f"transformer_blocks.0.norm1.emb.{dk}"]
+    for i in range(config.depth if config.per_block_conditioning else 1):  # block 0's copy is the shared pair
+        for ok, dk in _EMBEDDER_KEYS.items():
+            out[_embedder_key(ok, i, config)] = state_dict[f"transformer_blocks.{i}.norm1.emb.{dk}"]
     for i in range(config.depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
         for ok, dk in _BLOCK_KEYS.items():
@@ -942,7 +964,6 @@ def from_diffusers_state_dict(
             out[f"{dst}attn.qkv.{kind}"] = torch.cat([state_dict[f"{src}attn1.{n}.{kind}"] for n in _QKV], dim=0)
     dtype = out["x_embedder.proj.weight"].dtype
     out["pos_embed"] = sincos_pos_embed_2d(config.hidden_size, config.grid_size)[None].to(dtype)  # (1, T, D)
-    notes.append("pos_embed regenerated (the fixed sin-cos table; diffusers does not store it)")
     return out, notes
 
 
@@ -1000,7 +1021,10 @@ def save_official(source: Source, path: str | os.PathLike, *, config: DiTConfig 
 
     The official format stores no config: loading it back infers one (pass ``num_heads`` for non-zoo shapes).
     """
-    state_dict, _ = _weights_and_config(source, config)
+    state_dict, config = _weights_and_config(source, config)
+    if config.per_block_conditioning:
+        raise CheckpointError("the official layout has one shared timestep/label embedder, this model one per block "
+                              "(per_block_conditioning): save it in the dit-fast or diffusers format")
     path = Path(path)
     atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
     return path
@@ -1098,8 +1122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-model-weights", action="store_true",
                         help="train.py checkpoints: take 'model' instead of 'ema'")
     parser.add_argument("--allow-embedder-mismatch", action="store_true",
-                        help="diffusers input: warn (keep block 0's) instead of failing when per-block embedder "
-                             "copies differ")
+                        help="diffusers input whose per-block embedder copies differ: keep block 0's (lossy, one "
+                             "shared pair as the official layout) instead of one embedder per block")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -1117,7 +1141,7 @@ def main(args: argparse.Namespace) -> int:
     ckpt = convert(
         args.src, dst, args.to, numerics=args.numerics, model_name=args.model, num_heads=args.num_heads,
         input_size=args.input_size, num_classes=args.num_classes, use_model_weights=args.use_model_weights,
-        embedder_mismatch="warn" if args.allow_embedder_mismatch else "error",
+        embedder_mismatch="warn" if args.allow_embedder_mismatch else "per-block",
     )
     print(_summary(ckpt.source, ckpt.format, ckpt.config, ckpt.notes))
     print(f"wrote {dst} (format: {args.to})")

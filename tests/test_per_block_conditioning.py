@@ -4,10 +4,22 @@ inference paths), the state-dict layout, the cost model and step caching."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import safetensors.torch
 import torch
 
 from dit_fast import cache as C
+from dit_fast.checkpoints import (
+    CheckpointError,
+    from_diffusers_state_dict,
+    read_checkpoint,
+    save_official,
+    to_diffusers_config,
+    to_diffusers_state_dict,
+    with_diffusers_conditioning,
+)
 from dit_fast.config import DiTConfig, param_count
 from dit_fast.model import DiTFast
 from dit_fast.reference import DiT
@@ -82,3 +94,55 @@ def test_step_cache_matches_reference():
         assert cache.cached_steps == 1
     for k in range(3):
         close(outs["fast"][k], outs["ref"][k], f"step {k}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the diffusers layout, both ways (diffusers itself is not needed here; parity with it: test_diffusers_pipeline.py)
+
+
+def _distinct_diffusers_state_dict(depth: int = 3) -> tuple[dict[str, torch.Tensor], DiTConfig]:
+    """A diffusers-layout state dict whose per-block embedder copies all differ, and its shared-layout config."""
+    torch.manual_seed(0)
+    model = DiT(input_size=8, hidden_size=32, depth=depth, num_heads=2, num_classes=10, numerics="diffusers",
+                per_block_conditioning=True)
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.1)
+    return to_diffusers_state_dict(model.state_dict(), model.config), model.config.replace(per_block_conditioning=False)
+
+
+def test_diffusers_conversion_is_exact_both_ways(tmp_path):
+    diffusers_sd, shared = _distinct_diffusers_state_dict()
+    config = with_diffusers_conditioning(diffusers_sd, shared)
+    assert config.per_block_conditioning
+    ours, _ = from_diffusers_state_dict(diffusers_sd, config)
+    assert torch.equal(ours["t_embedder.2.mlp.2.bias"],
+                       diffusers_sd["transformer_blocks.2.norm1.emb.timestep_embedder.linear_2.bias"])
+    back = to_diffusers_state_dict(ours, config)
+    assert back.keys() == diffusers_sd.keys() and all(torch.equal(back[k], diffusers_sd[k]) for k in back)
+    DiT.from_config(config).load_state_dict(ours, strict=True)
+    with pytest.raises(CheckpointError, match="one shared timestep/label embedder"):
+        save_official(ours, tmp_path / "x.pt", config=config)
+
+
+def test_diffusers_folder_with_distinct_copies_reads_per_block(tmp_path):
+    diffusers_sd, shared = _distinct_diffusers_state_dict()
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    safetensors.torch.save_file(diffusers_sd, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(to_diffusers_config(shared)))
+    ckpt = read_checkpoint(folder, numerics="diffusers")
+    assert ckpt.config == shared.replace(per_block_conditioning=True)
+    with pytest.warns(UserWarning, match="keeping block 0's copy"):
+        lossy = read_checkpoint(folder, embedder_mismatch="warn")
+    assert not lossy.config.per_block_conditioning
+    with pytest.raises(CheckpointError, match="per-block embedder|differ from block 0's"):
+        read_checkpoint(folder, embedder_mismatch="error")
+
+
+def test_identical_copies_still_convert_to_the_shared_pair():
+    model = DiT(input_size=8, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+    diffusers_sd = to_diffusers_state_dict(model.state_dict(), model.config)
+    config = with_diffusers_conditioning(diffusers_sd, model.config)
+    assert config == model.config
+    ours, _ = from_diffusers_state_dict(diffusers_sd, config)
+    assert ours.keys() == model.state_dict().keys()
