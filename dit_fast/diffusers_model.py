@@ -43,7 +43,7 @@ class DiffusersDiT(ModelMixin, ConfigMixin):
     """A ``DiTFast`` behind the interface of diffusers' ``DiTTransformer2DModel`` (what ``DiTPipeline`` calls).
 
     Args:
-        model: a ``DiTFast`` computing diffusers' numerics.
+        model: a ``DiTFast`` computing diffusers' numerics (or the reference ``DiT``, without ``cuda_graph``).
         config: the ``DiTTransformer2DModel`` config it serves (``sample_size``, ``in_channels``, ...).
         cuda_graph: replay CUDA graphs of the forward (one capture per input shape and dtype); CUDA tensors only.
         cache: a ``dit_fast.cache`` spec or policy (None: off); ``num_steps`` tells "auto" the run's steps.
@@ -59,7 +59,7 @@ class DiffusersDiT(ModelMixin, ConfigMixin):
         self.register_to_config(**{k: v for k, v in dict(config).items() if not k.startswith("_")})
         self.model = model
         self.cuda_graph = cuda_graph
-        self._graphs = CUDAGraphRunner(model)
+        self._graphs: CUDAGraphRunner | None = None  # built on the first graphed forward
         self.set_cache(cache, num_steps)
 
     def set_cache(self, cache: Any, num_steps: Callable[[], int | None] = lambda: None) -> None:
@@ -95,6 +95,8 @@ class DiffusersDiT(ModelMixin, ConfigMixin):
             if not hidden_states.is_cuda:
                 raise ValueError(f"cuda_graph=True needs CUDA inputs, got hidden_states on {device}; move the "
                                  "pipeline first (pipe.to('cuda'))")
+            if self._graphs is None:
+                self._graphs = CUDAGraphRunner(self.model)
             sample = self._graphs(hidden_states, t, y)
         else:
             sample = self.model(hidden_states, t, y)  # (N, out_channels, H, W)
@@ -122,7 +124,7 @@ class DiffusersDiT(ModelMixin, ConfigMixin):
         return moved
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DiffusersDiT:
-        self._graphs = CUDAGraphRunner(self.model)  # captures read the old tensors: recapture after a move
+        self._graphs = None  # captures read the old tensors: recapture after a move
         return super()._apply(fn, recurse)
 
     def to_diffusers(self) -> nn.Module:

@@ -68,13 +68,12 @@ def accelerate(pipe: Any, *, attention: str = "auto", kernels: str = "auto", com
         raise ValueError("cache= decides per step in Python; it cannot be combined with compile= or cuda_graph=True")
     num_steps = _scheduler_steps(pipe) if is_pipeline else (lambda: None)
     from dit_fast.diffusers_model import DIFFUSERS_ENTRY, DiffusersDiT, from_diffusers_transformer  # diffusers
-    from dit_fast.model import CUDAGraphRunner
     if isinstance(transformer, DiffusersDiT):
         fast = transformer
         fast.model.set_attention_backend(attention)
         fast.model.set_kernels(kernels)
         fast.cuda_graph = cuda_graph
-        fast._graphs = CUDAGraphRunner(fast.model)
+        fast._graphs = None
         fast.set_cache(cache, num_steps)
     else:
         fast = from_diffusers_transformer(transformer, attention=attention, kernels=kernels, cuda_graph=cuda_graph,
