@@ -38,6 +38,8 @@ from typing import Any
 
 from torch import nn
 
+from dit_fast.diffusers_model import DIFFUSERS_ENTRY, DiffusersDiT, from_diffusers_transformer
+
 
 def accelerate(pipe: Any, *, attention: str = "auto", kernels: str = "auto", compile: bool | Mapping[str, Any] = False,
                cuda_graph: bool = False, cache: Any = None) -> Any:
@@ -67,7 +69,6 @@ def accelerate(pipe: Any, *, attention: str = "auto", kernels: str = "auto", com
     if cache is not None and (compile is not False or cuda_graph):
         raise ValueError("cache= decides per step in Python; it cannot be combined with compile= or cuda_graph=True")
     num_steps = _scheduler_steps(pipe) if is_pipeline else (lambda: None)
-    from dit_fast.diffusers_model import DIFFUSERS_ENTRY, DiffusersDiT, from_diffusers_transformer  # diffusers
     if isinstance(transformer, DiffusersDiT):
         fast = transformer
         fast.model.set_attention_backend(attention)
