@@ -282,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
 
     command = "python -m benchmarks.cache_frontier " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    served = ("a diffusers DiTPipeline (diffusers' numerics and schedulers, unguided) served by dit_fast.accelerate"
+              if args.pipeline else f"{args.impl} model")
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
-               f"{torch.__version__}, " + ("a diffusers DiTPipeline served by dit_fast.accelerate" if args.pipeline
-                                           else f"{args.impl} model"))
+               f"{torch.__version__}, {served}")
     header = (f"{description}. {args.samples} samples per run (classes cycling), one batch, CPU ({machine}). Full "
               f"evals: network passes with every block computed (over the doubled batch when guided); Δ and ratios "
               f"against no cache in the same group. CPU s: the process's CPU time (less sensitive than wall time to "
