@@ -3,9 +3,10 @@
 Samples the model (``dit-fast train``'s built-in digits DiT, or any pixel-space digits checkpoint) with every cache
 policy of ``--policies`` under each sampler of ``--samplers`` (default DDPM-250 and DPM-Solver++-20), unguided
 and with guidance ``--cfg-scale`` (default 2.0, all eps channels), ``--samples`` images (default 1,000, the classes
-cycling, one batch, the same seeds for every policy), and scores each run with ``dit_fast.metrics.evaluate_digits``:
-class accuracy (an SVM trained on real digits) and the Fréchet distance to the real digits in PCA features. It
-trains nothing. Written next to ``--out`` (default ``benchmarks/results/cache_frontier``):
+cycling, one batch, the same seeds for every policy), and scores each run with
+``dit_fast.sampling.metrics.evaluate_digits``: class accuracy (an SVM trained on real digits) and the Fréchet distance
+to the real digits in PCA features. It trains nothing. Written next to ``--out`` (default
+``benchmarks/results/cache_frontier``):
 
 - ``OUT.md``: the table (full network evaluations, cached steps, wall time, speed-up over no cache, accuracy and
   Fréchet distance, each against no cache) with the command and machine;
@@ -18,7 +19,7 @@ With ``--pipeline`` the same model is sampled as a diffusers user would: convert
 dropped as the pipeline does, a pass-through decoder for the pixel-space model) served by
 ``dit_fast.accelerate(pipe, cache=POLICY)``; unguided only (``DiTPipeline`` hard-codes ImageNet's null class 1000).
 
-Wall time (and the process's CPU time) is one whole ``dit_fast.sample.generate`` (or pipeline) call (noise,
+Wall time (and the process's CPU time) is one whole ``dit_fast.sampling.generate.generate`` (or pipeline) call (noise,
 sampling loop, network) on ``--threads`` CPU threads (default 1, as the digits recipe trains), the fastest of repeats
 that add up to ``--min-time`` (short runs repeat, so a busy neighbour on a shared machine skews them less); no-cache
 runs first in each group, then the policies in order. A "full evaluation" is one network pass with every block
@@ -42,8 +43,8 @@ from types import SimpleNamespace
 import torch
 
 from dit_fast.cache import AUTO_MIN_STEPS, AUTO_SPEC, AUTO_SPEC_FEW_STEPS, parse_cache
-from dit_fast.metrics import evaluate_digits
-from dit_fast.sample import generate, load_model
+from dit_fast.sampling.generate import generate, load_model
+from dit_fast.sampling.metrics import evaluate_digits
 
 DEFAULT_POLICIES = ("none", "fora:2", "fora:3", "fora:4", "taylor:4:2", "taylor:6:2", "adaptive:0.15:4",
                     "adaptive:0.2:6")

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import dit_fast
-from dit_fast import diffusers_model as DM
-from dit_fast.diffusers_model import DiffusersDiT, broadcast_timesteps
-from dit_fast.model import DiTFast
+from dit_fast.models.dit import DiTFast
+from dit_fast.sampling import diffusers_model as DM
+from dit_fast.sampling.diffusers_model import DiffusersDiT, broadcast_timesteps
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
                                 reason="diffusers is not installed (pip install 'dit-fast[diffusers]')")

@@ -20,8 +20,8 @@ from dit_fast.checkpoints import (
     to_diffusers_state_dict,
     with_diffusers_conditioning,
 )
-from dit_fast.config import DiTConfig, param_count
-from dit_fast.model import DiTFast
+from dit_fast.models.config import DiTConfig, param_count
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
 from tests.test_model import check_against_reference, close, inputs, pair
 

@@ -9,7 +9,7 @@
 
 ``accelerate`` converts the pipeline's ``DiTTransformer2DModel`` (any: patch 2 or 4, learned sigma or not, with
 identical or distinct per-block embedder copies, which become per-block conditioning) into a ``DiTFast`` computing
-diffusers' numerics, behind ``dit_fast.diffusers_model.DiffusersDiT``, a diffusers ``ModelMixin`` with the
+diffusers' numerics, behind ``dit_fast.sampling.diffusers_model.DiffusersDiT``, a diffusers ``ModelMixin`` with the
 transformer's interface: ``config`` (the transformer's own), ``dtype``/``device``, ``forward(hidden_states, timestep,
 class_labels, return_dict)``. What stays true afterwards:
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from torch import nn
 
-from dit_fast.diffusers_model import DIFFUSERS_ENTRY, DiffusersDiT, from_diffusers_transformer
+from dit_fast.sampling.diffusers_model import DIFFUSERS_ENTRY, DiffusersDiT, from_diffusers_transformer
 
 
 def accelerate(pipe: Any, *, attention: str = "auto", kernels: str = "auto", compile: bool | Mapping[str, Any] = False,

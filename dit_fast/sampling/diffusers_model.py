@@ -1,6 +1,6 @@
 """``DiffusersDiT``: a DiTFast behind the interface of diffusers' ``DiTTransformer2DModel`` (a diffusers ``ModelMixin``,
 so that a pipeline saves, moves and offloads it as its own); built by ``dit_fast.accelerate``
-(``dit_fast.diffusers_pipeline``), which says what stays true of the pipeline. Importing this module imports
+(``dit_fast.sampling.diffusers_pipeline``), which says what stays true of the pipeline. Importing this module imports
 diffusers.
 """
 
@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_fast.attention import BACKENDS
 from dit_fast.cache import StepCache, parse_cache
 from dit_fast.checkpoints import (
     config_from_diffusers,
@@ -20,7 +19,9 @@ from dit_fast.checkpoints import (
     to_diffusers_state_dict,
     with_diffusers_conditioning,
 )
-from dit_fast.model import CUDAGraphRunner, DiTFast
+from dit_fast.models.attention import BACKENDS
+from dit_fast.models.cuda_graph import CUDAGraphRunner
+from dit_fast.models.dit import DiTFast
 
 try:  # this module serves diffusers pipelines: diffusers is its one requirement beyond dit-fast's
     from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin
