@@ -7,27 +7,15 @@
     images = pipe(class_labels=[207, 360], num_inference_steps=25, generator=torch.manual_seed(0)).images
     pipe.save_pretrained("out")                    # a stock diffusers folder: loads without dit-fast
 
-``accelerate`` converts the pipeline's ``DiTTransformer2DModel`` (any: patch 2 or 4, learned sigma or not, with
-identical or distinct per-block embedder copies, which become per-block conditioning) into a ``DiTFast`` computing
-diffusers' numerics, behind ``dit_fast.sampling.diffusers_model.DiffusersDiT``, a diffusers ``ModelMixin`` with the
-transformer's interface: ``config`` (the transformer's own), ``dtype``/``device``, ``forward(hidden_states, timestep,
-class_labels, return_dict)``. What stays true afterwards:
-
-- ``pipe.transformer`` and ``pipe.components["transformer"]`` are the :class:`DiffusersDiT`; ``pipe.to(device,
-  dtype)`` moves it (one cast of the weights, no per-step autocast), as do CPU offload hooks. The transformer it
-  replaced is left as it was: a valid, unchanged diffusers model that shares no storage with the new one and is no
-  longer part of the pipeline (``DiffusersDiT.to_diffusers()`` gives a fresh one with the current weights).
-- ``pipe.save_pretrained`` (any ``variant``, ``safe_serialization``, ``max_shard_size``, dtype) writes the
-  transformer as a ``DiTTransformer2DModel`` folder and ``model_index.json`` names diffusers' class, so stock
-  diffusers loads it; ``DiTPipeline.from_pretrained`` of it + ``accelerate`` gives the same images.
-- gradient checkpointing toggles, xformers attention and regional compilation (``compile_repeated_blocks``) are
-  honoured; what DiTFast cannot honour (custom checkpointing functions, NPU/XLA flash attention, diffusers'
-  attention-dispatch backends, layerwise casting, group offload, context parallelism) raises naming it.
-
-Options: ``attention=`` (a ``dit_fast.attention`` backend or "auto"), ``kernels=``, ``compile=`` (``True`` or
-``DiTFast.compile`` arguments), ``cuda_graph=True`` (CUDA: each input shape captured once, replayed) and
-``cache=`` ("auto" or a ``dit_fast.cache`` spec: step caching over each pipeline call, a run starting whenever the
-timestep goes up).
+``accelerate`` converts the pipeline's ``DiTTransformer2DModel`` (any size, patch 2 or 4, learned sigma or not;
+per-block embedder copies that differ become per-block conditioning) into a ``DiTFast`` computing diffusers'
+numerics, behind ``dit_fast.sampling.diffusers_model.DiffusersDiT``, a diffusers ``ModelMixin`` with the
+transformer's interface (``config``, ``dtype``, ``device``, ``forward(hidden_states, timestep, class_labels,
+return_dict)``). ``pipe.transformer`` and ``pipe.components`` return it; ``pipe.to`` casts its weights once;
+``pipe.save_pretrained`` writes a stock ``DiTTransformer2DModel`` folder; the transformer it replaced stays an
+unchanged diffusers model sharing no storage with it. Options: ``attention=``, ``kernels=``, ``compile=``,
+``cuda_graph=`` and ``cache=`` (step caching over each pipeline call). docs/diffusers.md lists the contract item by
+item with its test.
 """
 
 from __future__ import annotations
