@@ -70,7 +70,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # and 64; the kernel level at batch 256 only; CUDA-graph sampling at batch 8, DDIM-20, guidance 1.5; FP8 against bf16
 # (forward and trainer step). Every compile is regional (one block graph shared by all blocks: seconds, where a
 # whole-model compile of XL/2 takes 40-70 s). GPU_CHECK_BENCH_ARGS, added last, overrides any of them.
-T_SETUP=40 T_ENV=15 T_TESTS=75 T_FORWARD=60 T_TRAIN=80 T_KERNELS=45 T_SAMPLING=45 T_FP8=35 T_REPORT=15
+T_SETUP=40 T_ENV=15 T_TESTS=75 T_FORWARD=60 T_TRAIN=80 T_KERNELS=40 T_SAMPLING=40 T_FP8=45 T_REPORT=15
 RESERVE=$T_REPORT  # what every step but the last (the report) leaves of the budget for it
 CASE_SHARE=60   # with pytest-timeout installed, one test or benchmark case may take this % of its step's limit: a
                 # slow case (a cold compile) fails alone and a level still writes its JSON
@@ -233,7 +233,8 @@ run_level kernels "$T_KERNELS" benchmarks/test_bench_kernels.py benchmarks/test_
     -k "B256 or attention"
 run_level sampling "$T_SAMPLING" benchmarks/test_bench_cuda_graph.py --dit-profile --dit-ddim-steps 20
 
-# 4. FP8 (torchao float8 rowwise linears) against bf16, forward and trainer step, each against fp32.
+# 4. FP8 (torchao float8 rowwise linears) against bf16, forward and trainer step, each against fp32; its JSON is
+#    written after every case.
 run_step fp8 "$T_FP8" "$PYTHON" -m benchmarks.fp8_check --json "$OUT/fp8.json"
 
 # 5. One report over every level that produced results, and the profiler tables, folded into gpu_check.md.
