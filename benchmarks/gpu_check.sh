@@ -15,7 +15,7 @@
 #   <level>.json    each benchmark level's pytest-benchmark run (forward, train, kernels, sampling), copied to $OUT
 #                   the moment its level ends; fp8.json (python -m benchmarks.fp8_check); profiles.md
 #
-# A level that runs out of time is stopped with SIGINT GRACE seconds before its limit (KILL at the limit):
+# A level that runs out of time is stopped with SIGINT 10 s before its limit (KILL at the limit):
 # pytest-benchmark writes the cases it finished to the level's JSON on an interrupt (it writes nothing on TERM or KILL;
 # tests/test_gpu_check.py proves both), so a slow last case costs that case, not the level.
 #
@@ -60,7 +60,8 @@ OUT=${OUT:-benchmarks/results/gpu-$STAMP}
 LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/gpu_check.md
 MIN_STEP=10     # a step that would get less than this is skipped
-GRACE=10        # a step gets SIGINT this many seconds before its limit (to write what it finished), KILL at it
+GRACE=10        # a step gets SIGINT this many seconds (at most a fifth of its limit) before its limit, to write what
+                # it finished; KILL at the limit
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -145,13 +146,13 @@ run_step() {  # run_step NAME LIMIT CMD...: run CMD under `timeout`, log it, rec
         return 0
     fi
     echo "=== $name (timeout ${limit}s): $cmd" | tee -a "$LOG"
-    local start=$SECONDS rc status
-    timeout --signal=INT --kill-after=$GRACE $((limit - GRACE)) "$@" 2>&1 | tee -a "$LOG" "$WORK/$name.out"
+    local start=$SECONDS rc status grace=$((limit / 5 < GRACE ? limit / 5 : GRACE))
+    timeout --signal=INT --kill-after=$grace $((limit - grace)) "$@" 2>&1 | tee -a "$LOG" "$WORK/$name.out"
     rc=${PIPESTATUS[0]}
     case $rc in
         0) status=ok ;;
         5) status="no tests selected (exit 5)" ;;
-        124) status="**TIMEOUT** after $((limit - GRACE))s (interrupted; finished cases kept)" ;;
+        124) status="**TIMEOUT** after $((limit - grace))s (interrupted; finished cases kept)" ;;
         137) status="**TIMEOUT** after ${limit}s (killed)" ;;
         *) status="**FAILED** (exit $rc)" ;;
     esac

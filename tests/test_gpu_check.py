@@ -66,7 +66,7 @@ def interrupted_level(tmp_path: Path, sig: signal.Signals, ignore_int: bool = Fa
 
 def test_script_stops_levels_with_int_before_kill():
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
-    assert "timeout --signal=INT --kill-after=$GRACE" in script
+    assert "timeout --signal=INT --kill-after=$grace" in script
 
 
 @pytest.mark.parametrize("ignore_int", [False, True], ids=["foreground", "sigint-ignored-at-start"])
