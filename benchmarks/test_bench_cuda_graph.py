@@ -28,7 +28,7 @@ from benchmarks.common import (
     run_timed,
     strict_fp32,
 )
-from dit_fast.sample import generate
+from dit_fast.sampling.generate import generate
 
 GRAPH_IMPLS = ("reference", "dit_fast", "dit_fast+cuda_graph")
 BATCH, CFG_SCALE = 8, 1.5

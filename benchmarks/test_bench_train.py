@@ -33,11 +33,11 @@ from benchmarks.common import (
     record_and_check,
     run_timed,
 )
-from dit_fast.config import get_config
-from dit_fast.data import LABELS_FILE, LATENTS_FILE, META_FILE
-from dit_fast.distributed import Dist
-from dit_fast.train import Trainer
-from dit_fast.train_config import TrainConfig
+from dit_fast.models.config import get_config
+from dit_fast.training.config import TrainConfig
+from dit_fast.training.data import LABELS_FILE, LATENTS_FILE, META_FILE
+from dit_fast.training.trainer import Trainer
+from dit_fast.utils.distributed import Dist
 
 TRAIN_BATCHES = {"cuda": (32, 64), "cpu": (2,)}
 TRAINER_IMPLS = ("reference", "reference+compile", "dit_fast", "dit_fast+compile")

@@ -9,8 +9,8 @@ import importlib.util
 import pytest
 import torch
 
-from dit_fast import fp8
-from dit_fast.model import DiTFast
+from dit_fast.models import fp8
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
 from tests.helpers import max_rel_err
 

@@ -27,7 +27,7 @@ import re
 import torch
 from torch import nn
 
-from dit_fast.validation import UserError
+from dit_fast.utils.validation import UserError
 
 MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90): the first GPUs with FP8 tensor cores
 # The token-path linears of a transformer block (DiT and DiTFast share these names).
