@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dit_fast.diffusion.guidance import guided_forward
+from dit_fast.models.checkpointing import run_block
 from dit_fast.models.config import CONFIGS, DiTConfig
 
 
@@ -259,7 +259,9 @@ class DiT(nn.Module):
             for _ in range(depth)
         ])
         self.final_layer = self.final_layer_cls(hidden_size, patch_size, self.out_channels)
-        self.gradient_checkpointing = False  # True: recompute each block in the backward (training memory)
+        # Activation checkpointing of the blocks: False/"none", True/"full" (recompute each block in the backward)
+        # or "selective" (keep GEMM and attention outputs; dit_fast.models.checkpointing).
+        self.gradient_checkpointing: bool | str = False
         self.initialize_weights()
 
     @classmethod
@@ -291,11 +293,7 @@ class DiT(nn.Module):
         c = self.conditioning(t, y)  # (N, D), or (depth, N, D) with per-block conditioning
         per_block = c.dim() == 3
         for i, block in enumerate(self.blocks):
-            c_i = c[i] if per_block else c  # (N, D)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c_i, use_reentrant=False)  # (N, T, D), recomputed in the backward
-            else:
-                x = block(x, c_i)  # (N, T, D)
+            x = run_block(block, self.gradient_checkpointing, x, c[i] if per_block else c)  # (N, T, D)
         x = self.final_layer(x, c[0] if per_block else c)  # (N, T, p*p*out)
         return self.unpatchify(x)  # (N, out, H, W)
 
@@ -367,7 +365,12 @@ def init_dit_weights(model: nn.Module) -> None:
 
 
 def validate_inputs(config: DiTConfig, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
-    """Shape, dtype and range checks shared by every DiT implementation (skipped while compiling/capturing)."""
+    """Shape, dtype and range checks shared by every DiT implementation.
+
+    The label range is checked here only for labels in host memory: reading device labels would synchronise the GPU
+    at every forward (every sampling step). Device labels are range-checked once per batch, on the host, by the code
+    that holds them there (``generate``, the trainer, the diffusers pipeline's label mapping); nothing is checked while
+    compiling."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4D tensor (N, C, H, W), got {_describe(x)}")
     n, c, h, w = x.shape
@@ -385,9 +388,8 @@ def validate_inputs(config: DiTConfig, x: torch.Tensor, t: torch.Tensor, y: torc
         raise ValueError(f"y must have shape ({n},) (one class label per sample), got {_describe(y)}")
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
-    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    check_labels(y, config.num_classes, null_class=config.class_dropout_prob > 0)
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_labels(y, config.num_classes, null_class=config.class_dropout_prob > 0)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, *, null_class: bool = False, what: str = "labels") -> None:

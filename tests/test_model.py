@@ -60,8 +60,9 @@ def close(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: float = 
 
 
 def check_against_reference(ref: DiT, fast: DiTFast, n: int = 4, tol: float = 1e-5) -> None:
-    """forward, forward_with_cfg (both guidance variants) and every parameter gradient."""
-    x, t, y = inputs(ref, n)
+    """forward, forward_with_cfg (both guidance variants) and every parameter gradient, on the models' device."""
+    device = next(ref.parameters()).device
+    x, t, y = (v.to(device) for v in inputs(ref, n))
     with torch.no_grad():
         close(fast(x, t, y), ref(x, t, y), "forward", tol)
         if n % 2 == 0:
@@ -69,6 +70,7 @@ def check_against_reference(ref: DiT, fast: DiTFast, n: int = 4, tol: float = 1e
                 close(fast.forward_with_cfg(x, t, y, 4.0, guide), ref.forward_with_cfg(x, t, y, 4.0, guide),
                       f"forward_with_cfg({guide})", tol)
     grad_out = torch.randn(n, ref.out_channels, *ref.config.grid_input, generator=torch.Generator().manual_seed(1))
+    grad_out = grad_out.to(device)
     ref.zero_grad()
     fast.zero_grad()
     ref(x, t, y).backward(grad_out)

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dit_fast import kernels as K
 from dit_fast import reference
 from dit_fast.diffusion.guidance import guided_forward
 from dit_fast.kernels.registry import KERNELS, KernelOps, require_kernels, resolve_kernels
 from dit_fast.models.attention import attention, require_backend
+from dit_fast.models.checkpointing import run_block
 from dit_fast.models.onednn import fused_linear
 from dit_fast.reference import DiT, label_drop_ids, model_constructors, timestep_embedding
 
@@ -94,7 +94,8 @@ class Mlp(reference.Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1 = self.fc1
-        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)):
+        if (x.is_cuda and type(fc1) is torch.nn.Linear  # not an FP8 linear (dit_fast.models.fp8)
+                and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad))):
             h = K.linear_gelu(x, fc1.weight, fc1.bias)  # (N, T, 4D)
         else:
             h = fused_linear(x, fc1, gelu=True)  # (N, T, 4D)
@@ -175,7 +176,9 @@ class DiTFast(DiT):
     Args (beyond the reference's):
         kernels: "auto", "triton" or "torch" (see the module docstring).
         attention: "auto" or a ``dit_fast.models.attention.BACKENDS`` name ("flash_attn", "sdpa", "math", ...).
-        gradient_checkpointing: recompute each block in the backward (also settable as an attribute).
+        gradient_checkpointing: "none" (False), "full" (True: recompute each block in the backward) or
+            "selective" (keep the GEMM and attention outputs, recompute the rest; ``dit_fast.models.checkpointing``);
+            also settable as an attribute.
 
     Precision: run in fp32 (on CUDA, TF32 matmuls are the user's switch: ``torch.backends.cuda.matmul.allow_tf32 =
     True``), in bf16/fp16 (``model.to(torch.bfloat16)``) or under ``torch.autocast``; conditioning and norm
@@ -208,7 +211,7 @@ class DiTFast(DiT):
         per_block_conditioning: bool = False,
         kernels: str = "auto",
         attention: str = "auto",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
     ):
         super().__init__(
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
@@ -278,7 +281,7 @@ class DiTFast(DiT):
             mod = None if mods is None else mods[i]
             silu_c_i = silu_c[i] if per_block else silu_c  # (N, D)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, gate, branch = checkpoint(block, x, silu_c_i, gate, branch, mod, use_reentrant=False)
+                x, gate, branch = run_block(block, self.gradient_checkpointing, x, silu_c_i, gate, branch, mod)
             else:
                 x, gate, branch = block(x, silu_c_i, gate, branch, mod)  # (N, T, D), (N, D), (N, T, D)
         ops = self._ops(x)

@@ -163,7 +163,7 @@ class DiffusersDiT(ModelMixin, ConfigMixin):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.model.gradient_checkpointing
+        return self.model.gradient_checkpointing not in (False, "none")
 
     def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
         """``enable_xformers_memory_efficient_attention()``: DiTFast's xformers backend (ImportError if missing)."""
