@@ -6,7 +6,8 @@
 - ``dit_fast.gflops`` / ``dit_fast.param_count``: cost in the paper's convention; ``dit_fast.CONFIGS``: the zoo.
 - ``dit_fast.enable_fp8(model)``: the blocks' linears in FP8 (torchao float8 rowwise; Ada/Hopper GPUs), in place.
 - ``dit_fast.accelerate(pipe)``: serve a diffusers ``DiTPipeline``'s transformer with DiTFast, same images
-  (``dit_fast.sampling.diffusers_pipeline``; diffusers itself is imported only when a pipeline output is built).
+  (``dit_fast.sampling.diffusers_pipeline``; ``import dit_fast`` does not import diffusers, accessing ``accelerate``
+  does).
 
 How the modules fit together (layers, one training step, one sampling step): ARCHITECTURE.md at the repository root.
 ``DiTFast``, ``DiT_models`` and ``accelerate`` are imported from their modules on first use, so that
