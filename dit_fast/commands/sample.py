@@ -28,6 +28,7 @@ import torch
 from dit_fast.cache import CACHE_SPEC_HELP, CachePolicy, parse_cache
 from dit_fast.checkpoints import check_finite_weights
 from dit_fast.commands.arguments import float_arg, non_negative_int, positive_int
+from dit_fast.models.fp8 import enable_fp8, fp8_unavailable_reason
 from dit_fast.models.vae import VAE
 from dit_fast.reference import check_labels
 from dit_fast.sampling.generate import SAMPLERS, generate, load_model
@@ -68,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights' dtype, cast once at load (auto: bf16 where the device has native bf16 GEMMs, "
                              "CUDA sm_80+ or an AVX512-BF16/AMX CPU, else fp32; fp32 reproduces published numbers)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 (torchao float8 rowwise) for the blocks' linears; Ada/Hopper GPUs, needs torchao")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="CUDA only, DiTFast only: capture the network once per batch shape as a CUDA graph and "
                              "replay it every step")
@@ -114,6 +117,9 @@ def start_processes(args: argparse.Namespace) -> Dist:
     if args.cuda_graph and d.device.type != "cuda":
         cleanup(d)
         raise UserError(f"--cuda-graph needs a CUDA device, sampling runs on {d.device}")
+    if args.fp8 and (reason := fp8_unavailable_reason(d.device)) is not None:
+        cleanup(d)
+        raise UserError(reason)
     if args.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(args.threads)
     return d
@@ -136,6 +142,8 @@ def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, V
             raise UserError("this is a latent model (4 channels): pass --vae, a local AutoencoderKL folder "
                             "(e.g. stabilityai/sd-vae-ft-ema downloaded with huggingface-cli)")
         vae = VAE(args.vae, device=d.device)
+    if args.fp8:
+        enable_fp8(model)
     if args.compile:
         model.compile()
     return model, vae, description

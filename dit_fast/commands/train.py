@@ -12,6 +12,7 @@ from dataclasses import fields
 import torch
 
 from dit_fast.commands.arguments import argument_type
+from dit_fast.models.fp8 import fp8_unavailable_reason
 from dit_fast.training.config import TrainConfig
 from dit_fast.training.trainer import Trainer, evaluate_digits_run
 from dit_fast.utils.distributed import cleanup, setup_distributed
@@ -45,6 +46,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if cfg.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    if cfg.fp8 and (reason := fp8_unavailable_reason(d.device)) is not None:
+        cleanup(d)
+        raise UserError(reason)  # before the data and the model are built
     try:
         trainer = Trainer(cfg, d)
         trainer.run()
