@@ -300,7 +300,7 @@ def test_cpu_linears_run_through_onednn(monkeypatch):
     with torch.no_grad():
         close(fast(x, t, y), ref(x, t, y), "oneDNN forward")
     depth = ref.config.depth
-    assert len(calls) == 4 * depth + 1 and sum(calls) == depth  # qkv, proj, fc1 (+GELU), fc2 per block; final
+    assert len(calls) == 4 * depth + 2 and sum(calls) == depth  # qkv, proj, fc1 (+GELU), fc2 per block; patch, final
     calls.clear()
     fast(x, t, y).sum().backward()  # with gradients: the same GEMMs, GELU applied separately
     assert len(calls) >= 4 * depth + 1 and not any(calls)
