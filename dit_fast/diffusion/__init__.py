@@ -39,7 +39,7 @@ from .gaussian_diffusion import (
 )
 from .guidance import CFGModel
 from .respace import SpacedDiffusion, space_timesteps
-from .time_sampling import TIME_SAMPLING_HELP, TimeSampling
+from .time_sampling import TimeSampling
 
 __all__ = [
     "DIFFUSION_FORMS",
@@ -49,7 +49,6 @@ __all__ = [
     "NOISE_SCHEDULES",
     "PATHS",
     "PREDICTIONS",
-    "TIME_SAMPLING_HELP",
     "CFGModel",
     "FlowSampler",
     "GaussianDiffusion",

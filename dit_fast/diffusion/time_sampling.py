@@ -20,10 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TIME_SAMPLING_HELP", "TimeSampling"]
-
-TIME_SAMPLING_HELP = ("training time distribution: 'uniform' (default) or 'lognormal[:M:S]' (logit-normal noise "
-                      "level sigmoid(M + S n), SD3 / LightningDiT; default M=0, S=1)")
+__all__ = ["TimeSampling"]
 
 
 @dataclass(frozen=True)
@@ -59,25 +56,28 @@ class TimeSampling:
         """The string ``parse`` reads back."""
         return "uniform" if self.kind == "uniform" else f"lognormal:{self.m:g}:{self.s:g}"
 
-    def noise_levels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n noise levels s in [0, 1) (float32, CPU): s = 0 data, s = 1 noise."""
+    def noise_levels(self, n: int, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+        """n noise levels s in [0, 1) (float32), s = 0 data, s = 1 noise, drawn on the generator's device."""
+        where = generator.device if generator is not None else torch.device(device)
         if self.kind == "uniform":
-            return torch.rand((n,), generator=generator)
-        return torch.sigmoid(self.m + self.s * torch.randn((n,), generator=generator))
+            return torch.rand((n,), generator=generator, device=where).to(device)
+        return torch.sigmoid(self.m + self.s * torch.randn((n,), generator=generator, device=where)).to(device)
 
     def flow_times(self, n: int, t0: float, t1: float, *, generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu") -> torch.Tensor:
         """n flow times (float32) in [t0, t1], t = 0 noise (SiT's convention)."""
-        if self.kind == "uniform":
-            u = torch.rand((n,), generator=generator)  # SiT's draw
-        else:
-            u = 1 - self.noise_levels(n, generator)
-        return (u * (t1 - t0) + t0).to(device)
+        u = self.noise_levels(n, generator, device)
+        if self.kind != "uniform":  # uniform: SiT's draw u ~ U[0, 1) itself
+            u = 1 - u
+        return u * (t1 - t0) + t0
 
     def ddpm_timesteps(self, n: int, num_timesteps: int, *, generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu") -> torch.Tensor:
-        """n DDPM timestep indices (int64) in [0, num_timesteps), index T - 1 the noisiest."""
+        """n DDPM timestep indices (int64) in [0, num_timesteps), index T - 1 the noisiest (``uniform``: the
+        official ``randint``)."""
         if self.kind == "uniform":
-            return torch.randint(0, num_timesteps, (n,), generator=generator).to(device)
-        s = self.noise_levels(n, generator).double()
-        return (s * num_timesteps).floor().long().clamp_(0, num_timesteps - 1).to(device)
+            where = generator.device if generator is not None else torch.device(device)
+            return torch.randint(0, num_timesteps, (n,), generator=generator, device=where).to(device)
+        s = self.noise_levels(n, generator, device).double()
+        return (s * num_timesteps).floor().long().clamp_(0, num_timesteps - 1)
