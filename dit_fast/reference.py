@@ -389,15 +389,16 @@ def num_guided_channels(guide_channels: GuideChannels, in_channels: int) -> int:
     raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
 
 
-def check_interval(interval: tuple[int, int] | None) -> tuple[int, int] | None:
-    """``interval`` as a pair of ints (or None); ValueError unless ``0 <= lo <= hi``."""
+def check_interval(interval: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``interval`` as a pair of numbers (or None), ints kept as ints; ValueError unless ``0 <= lo <= hi``. The
+    unit is the sampler's time: DDPM timestep indices, or flow times in [0, 1]."""
     if interval is None:
         return None
     try:
-        lo, hi = (int(v) for v in interval)
+        lo, hi = (v if isinstance(v, int) else float(v) for v in interval)
     except (TypeError, ValueError):
         raise ValueError(f"interval must be (lo, hi) with 0 <= lo <= hi, got {interval!r}") from None
-    if not 0 <= lo <= hi:
+    if not 0 <= lo <= hi or not math.isfinite(hi):
         raise ValueError(f"interval must be (lo, hi) with 0 <= lo <= hi, got {interval!r}")
     return lo, hi
 

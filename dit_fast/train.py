@@ -434,9 +434,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def evaluate_digits_run(trainer: Trainer) -> dict[str, Any]:
     """Sample the trained EMA model on every digit class, write a grid PNG, score guided and unguided samples."""
     cfg = trainer.cfg
+    sampler = cfg.eval_sampler or ("ddpm" if trainer.transport is None else "ode-heun")
+    steps = cfg.eval_steps or (26 if sampler == "ode-heun" else 100)
     return evaluate_digits_model(trainer.ema, trainer.exp_dir, num_samples=cfg.eval_samples,
-                                 cfg_scale=cfg.eval_cfg_scale, sampler=cfg.eval_sampler, num_steps=cfg.eval_steps,
-                                 seed=cfg.global_seed, device=trainer.d.device, log=trainer.log)
+                                 cfg_scale=cfg.eval_cfg_scale, sampler=sampler, num_steps=steps,
+                                 seed=cfg.global_seed, device=trainer.d.device, log=trainer.log,
+                                 transport=trainer.transport)
 
 
 def main(args: argparse.Namespace) -> int:

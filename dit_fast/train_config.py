@@ -132,8 +132,10 @@ class TrainConfig:
                               "Frechet distance", action=argparse.BooleanOptionalAction)
     eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle)", type=positive_int)
     eval_cfg_scale: float = _flag(_LOG, 2.0, "digits evaluation: guidance scale", type=float_arg(1.0))
-    eval_sampler: str = _flag(_LOG, "ddpm", choices=["ddpm", "ddim", "dpm++"])
-    eval_steps: int = _flag(_LOG, 100, type=positive_int)
+    eval_sampler: str | None = _flag(_LOG, help="digits evaluation sampler (default: ddpm; ode-heun for flow)",
+                                     choices=["ddpm", "ddim", "dpm++", "ode-euler", "ode-heun", "ode-dopri5", "sde"])
+    eval_steps: int | None = _flag(_LOG, help="digits evaluation sampling steps (default: 100; 26 time points, 50 "
+                                   "network evaluations, for ode-heun)", type=positive_int)
 
     @property
     def recipe(self) -> dict[str, Any]:
