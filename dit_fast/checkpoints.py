@@ -160,7 +160,9 @@ class Checkpoint:
 
     ``format`` is where they came from: "official" (bare .pt state dict), "train.py", "safetensors" (a bare state
     dict in a safetensors file), "dit-fast" or "diffusers". ``notes`` records every decision the reader took (how
-    the config was found, which weights were taken, what was regenerated).
+    the config was found, which weights were taken, what was regenerated). ``objective`` is the training objective
+    the file stores (``{"name": "ddpm" | "flow", ...settings}``, from ``dit-fast train``), or {} when it stores none
+    (official ``.pt`` files, DiT's and SiT's alike).
     """
 
     state_dict: StateDict
@@ -168,6 +170,7 @@ class Checkpoint:
     format: str
     source: Path
     notes: list[str] = field(default_factory=list)
+    objective: dict[str, Any] = field(default_factory=dict)
 
     @property
     def numerics(self) -> str:
@@ -178,7 +181,8 @@ class Checkpoint:
 class LoadResult:
     """What :func:`load_checkpoint` returns: the model (eval mode) and how it was obtained.
 
-    ``numerics`` is the numerics the model follows: "official" or "diffusers" (see ``DiTConfig``).
+    ``numerics`` is the numerics the model follows: "official" or "diffusers" (see ``DiTConfig``); ``objective``
+    the stored training objective ({} when the file stores none).
     """
 
     model: nn.Module
@@ -186,6 +190,7 @@ class LoadResult:
     format: str
     source: Path
     notes: list[str] = field(default_factory=list)
+    objective: dict[str, Any] = field(default_factory=dict)
 
     @property
     def numerics(self) -> str:
@@ -234,7 +239,8 @@ def load_checkpoint(
     model = build_model(ckpt, model_cls)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
-    result = LoadResult(model=model, config=ckpt.config, format=ckpt.format, source=ckpt.source, notes=ckpt.notes)
+    result = LoadResult(model=model, config=ckpt.config, format=ckpt.format, source=ckpt.source, notes=ckpt.notes,
+                        objective=ckpt.objective)
     logger.info("loaded %s (%s): %s numerics", ckpt.source, ckpt.format, ckpt.numerics)
     return result
 
@@ -446,7 +452,8 @@ def _from_torch_object(obj: Any, path: Path, hints: _Hints, use_model_weights: b
     else:
         config = _infer_with_args(state_dict, hints, args, path, notes)
     check_state_dict(state_dict, config, source=str(path))
-    return Checkpoint(state_dict, config, fmt, path, notes)
+    objective = obj.get("objective") if fmt == "train.py" else None
+    return Checkpoint(state_dict, config, fmt, path, notes, dict(objective) if isinstance(objective, Mapping) else {})
 
 
 def _infer_with_args(state_dict: StateDict, hints: _Hints, args: Any, path: Path, notes: list[str]) -> DiTConfig:
@@ -510,7 +517,8 @@ def _read_dit_fast(weights: Path, meta: dict[str, Any] | None, config_path: Path
         if hints.numerics is None:
             notes.append(f"numerics: {config.numerics} (stored in the checkpoint)")
     check_state_dict(state_dict, config, source=str(weights))
-    return Checkpoint(state_dict, config, fmt, source, notes)
+    objective = json.loads(file_meta["dit_fast.objective"]) if "dit_fast.objective" in file_meta else {}
+    return Checkpoint(state_dict, config, fmt, source, notes, objective)
 
 
 def _parse_dit_fast_meta(meta: dict[str, Any], where: str) -> DiTConfig:
@@ -980,6 +988,8 @@ def save_checkpoint(source: Source, path: str | os.PathLike, *, config: DiTConfi
     state_dict, config = _weights_and_config(source, config)
     path = Path(path)
     file_meta = {"dit_fast.format_version": str(FORMAT_VERSION), "dit_fast.config": json.dumps(config.to_dict())}
+    if isinstance(source, Checkpoint) and source.objective:
+        file_meta["dit_fast.objective"] = json.dumps(source.objective)  # the training objective travels along
     if path.suffix == ".safetensors":
         atomic_write(path, lambda tmp: safetensors.torch.save_file(state_dict, str(tmp), metadata=file_meta))
         return path
