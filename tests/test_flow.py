@@ -189,3 +189,16 @@ def test_step_cache_with_flow_samplers():
     assert cache.full_steps + cache.cached_steps == flow_nfe("ode-heun", 9) == 16
     assert cache.cached_steps == 8
     assert (cached - plain).abs().max() < 0.5 * plain.abs().max()
+
+
+def test_guidance_interval_in_flow_time(net):
+    """An interval (lo, hi) in flow time: guided inside, the conditional output outside."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 2])
+    guided = CFGModel(net, 3.0, null_class=10, interval=(0.5, 1.0))
+    with torch.no_grad():
+        outside = guided(x, torch.full((2,), 0.3), y)
+        inside = guided(x, torch.full((2,), 0.7), y)
+        plain = CFGModel(net, 3.0, null_class=10)(x, torch.full((2,), 0.7), y)
+    assert torch.equal(outside, net(x, torch.full((2,), 0.3), y))
+    assert_close(inside, plain, atol=1e-6, rtol=1e-6, name="guided inside the interval")

@@ -263,8 +263,11 @@ class Transport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Transport:
-        d = dict(d)
-        return cls(**{**d, "time_sampling": TimeSampling.parse(d.get("time_sampling", "uniform"))})
+        """The transport of ``to_dict``'s output (a checkpoint's ``{"name": "flow", ...}`` objective included)."""
+        if d.get("name", "flow") != "flow":
+            raise ValueError(f"not a flow objective: {d!r}")
+        settings = {k: v for k, v in d.items() if k != "name"}
+        return cls(**{**settings, "time_sampling": TimeSampling.parse(settings.get("time_sampling", "uniform"))})
 
 
 def create_transport(path_type: str = "Linear", prediction: str = "velocity", loss_weight: str | None = None,
