@@ -92,3 +92,11 @@ def test_flow_training_checkpoint_samples_without_objective_flag(tmp_path):
 
 def test_sit_model_names_are_dit_sizes():
     assert get_config("SiT-XL/2") == get_config("DiT-XL/2") and get_config("SiT-B-4") == get_config("DiT-B/4")
+
+
+def test_cache_with_a_flow_sampler(sit_ckpt, tmp_path, capsys):
+    """``--cache`` counts the flow sampler's network evaluations: ode-heun with 5 time points makes 8."""
+    path, _ = sit_ckpt
+    _sample(path, tmp_path, "--objective", "flow", "--sampler", "ode-heun", "--num-sampling-steps", "5", "--cache",
+            "fora:2")
+    assert "cache fora:2: 4 full network evaluations, 4 cached" in capsys.readouterr().out
