@@ -33,9 +33,9 @@ import torch
 
 from dit_fast.checkpoints import load_checkpoint
 from dit_fast.diffusion import Transport
-from dit_fast.metrics import evaluate_digits
-from dit_fast.model import DiTFast
-from dit_fast.sample import generate
+from dit_fast.models.dit import DiTFast
+from dit_fast.sampling.generate import generate
+from dit_fast.sampling.metrics import evaluate_digits
 
 DDPM_SAMPLERS = [("ddpm", 250, 250), ("dpm++", 20, 20)]  # (sampler, num_steps, network evaluations)
 FLOW_SAMPLERS = [("ode-heun", 6, 10), ("ode-heun", 11, 20), ("ode-heun", 26, 50)]

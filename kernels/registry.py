@@ -1,4 +1,4 @@
-"""The kernel sets a DiTFast forward can use, in one registry (the shape of ``dit_fast.attention``'s).
+"""The kernel sets a DiTFast forward can use, in one registry (the shape of ``dit_fast.models.attention``'s).
 
 A kernel set is the four fused ops a forward calls (``KernelOps``):
 - ``triton``: the public ops of this package: Triton kernels on CUDA; on the CPU their plain-PyTorch reference (the

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dit_fast.cache import step_cache
 from dit_fast.diffusion import CFGModel, FlowSampler, TimeSampling, create_transport, flow_nfe
-from dit_fast.model import DiTFast
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
 from tests.helpers import ROOT, assert_close
 

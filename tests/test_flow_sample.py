@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from dit_fast.cli import main as cli_main
-from dit_fast.config import get_config
 from dit_fast.diffusion import create_transport
-from dit_fast.model import DiTFast
-from dit_fast.sample import generate, to_uint8
+from dit_fast.models.config import get_config
+from dit_fast.models.dit import DiTFast
+from dit_fast.sampling.generate import generate
+from dit_fast.sampling.outputs import to_uint8
 from tests.helpers import perturb_
 
 

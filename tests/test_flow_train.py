@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from dit_fast.checkpoints import convert, load_checkpoint, read_checkpoint
+from dit_fast.commands.train import add_arguments
 from dit_fast.diffusion import Transport
-from dit_fast.distributed import Dist
-from dit_fast.train import Trainer, list_checkpoints, step_generator
-from dit_fast.train_config import TrainConfig, add_arguments
+from dit_fast.training.config import TrainConfig
+from dit_fast.training.state import list_checkpoints
+from dit_fast.training.trainer import Trainer, step_generator
+from dit_fast.utils.distributed import Dist
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -68,7 +70,7 @@ def test_flow_training_step_checkpoint_and_convert(tmp_path):
         convert(ckpt_path, dst, "dit-fast")
         assert read_checkpoint(dst).objective == objective
     convert(ckpt_path, tmp_path / "official.pt", "official")
-    assert read_checkpoint(tmp_path / "official.pt", num_heads=2).objective == {}  # a bare state dict stores none (as SiT's)
+    assert read_checkpoint(tmp_path / "official.pt", num_heads=2).objective == {}  # bare state dict (as SiT.s)
 
 
 def test_objective_flags_parse_and_reject_bad_values():

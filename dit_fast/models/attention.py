@@ -95,7 +95,7 @@ def _import_optional(package: str) -> ModuleType | None:
             try:
                 module = importlib.import_module(package)
             except Exception as e:  # a broken install (ABI mismatch, missing CUDA libs) counts as absent
-                warnings.warn(f"dit_fast.attention: {package} is installed but failed to import ({e}); "
+                warnings.warn(f"dit_fast.models.attention: {package} is installed but failed to import ({e}); "
                               "treating it as absent", stacklevel=3)
         _OPTIONAL[package] = module
     return _OPTIONAL[package]
@@ -223,14 +223,15 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype, head_dim: i
     auto = _auto_choice(device_type, dtype, head_dim)
     if requested == "auto":
         if auto != "flash_attn" and device_type == "cuda" and dtype in _HALF and head_dim <= 256:
-            _warn_once(("auto", "flash_attn"), "dit_fast.attention: flash-attn is not installed, attention='auto' "
-                       f"uses sdpa (PyTorch's kernels); install {BACKENDS['flash_attn'].install_hint()} for flash-attn")
+            _warn_once(("auto", "flash_attn"), "dit_fast.models.attention: flash-attn is not installed, "
+                       f"attention='auto' uses sdpa (PyTorch's kernels); install "
+                       f"{BACKENDS['flash_attn'].install_hint()} for flash-attn")
         return auto
     reason = BACKENDS[requested].unsupported_reason(device_type, dtype, head_dim)
     if reason is None:
         return requested
     if from_env:
-        _warn_once((requested, auto), f"dit_fast.attention: {ENV_VAR}={requested} cannot run here ({reason}); "
+        _warn_once((requested, auto), f"dit_fast.models.attention: {ENV_VAR}={requested} cannot run here ({reason}); "
                    f"falling back to {auto}")
         return auto
     error = ImportError if BACKENDS[requested].package and "not installed" in reason else ValueError

@@ -1,9 +1,9 @@
 """Datasheet numbers of the GPUs we measure on: dense peak FLOP/s per dtype and memory bandwidth.
 
-One table, read by training's MFU log line (``dit_fast.train``), the benchmark suite (``benchmarks/common.py``) and
-roofline tools: ``gpu_spec("NVIDIA H200")`` -> ``GPUSpec``; ``peak_flops(device, torch.bfloat16)`` -> FLOP/s, or None
-on a CPU or an unlisted GPU. Peaks are dense (no 2:4 sparsity): NVIDIA's datasheets print the sparse figure for
-tensor-core dtypes, which is twice the dense one.
+One table, read by training's MFU log line (``dit_fast.training.trainer``), the benchmark suite
+(``benchmarks/common.py``) and roofline tools: ``gpu_spec("NVIDIA H200")`` -> ``GPUSpec``; ``peak_flops(device,
+torch.bfloat16)`` -> FLOP/s, or None on a CPU or an unlisted GPU. Peaks are dense (no 2:4 sparsity): NVIDIA's datasheets
+print the sparse figure for tensor-core dtypes, which is twice the dense one.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 check that keeps diverged (NaN) weights from being saved.
 
 Beside ``dit_fast.checkpoints`` (model weights in every format, for sampling and conversion), this module holds what
-``dit_fast.train`` needs to continue a run exactly: a checkpoint ``<exp>/checkpoints/<step:07d>.pt`` is a dict with
-"format" ("dit-fast-train-v1"), "model", "ema", "opt" (full, unsharded state dicts), "args" (the run's
+``dit_fast.training.trainer`` needs to continue a run exactly: a checkpoint ``<exp>/checkpoints/<step:07d>.pt`` is a
+dict with "format" ("dit-fast-train-v1"), "model", "ema", "opt" (full, unsharded state dicts), "args" (the run's
 ``TrainConfig`` as a dict), "config" (``DiTConfig.to_dict()``), "step", "epoch", "index" (the data position),
 "rng" (every process's RNG states), "world_size" and "global_batch_size": a superset of the official train.py
 checkpoints ("model", "ema", "opt", "args"), so ``dit_fast.checkpoints.load_checkpoint`` reads its EMA weights.
-Files are written atomically (``dit_fast.files``) and the last ``keep_last`` kept.
+Files are written atomically (``dit_fast.utils.files``) and the last ``keep_last`` kept.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dit_fast.checkpoints import check_finite_weights, describe_load_error
-from dit_fast.config import DiTConfig
-from dit_fast.distributed import Dist, all_gather_object, all_reduce_max, barrier, broadcast_object
-from dit_fast.files import atomic_save
-from dit_fast.validation import UserError
+from dit_fast.models.config import DiTConfig
+from dit_fast.utils.distributed import Dist, all_gather_object, all_reduce_max, barrier, broadcast_object
+from dit_fast.utils.files import atomic_save
+from dit_fast.utils.validation import UserError
 
 CHECKPOINT_FORMAT = "dit-fast-train-v1"
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")

@@ -2,9 +2,9 @@
 
 No torch here: the command checks its arguments before loading anything heavy.
 
-- Numeric command-line options: ``int_arg(min, max)`` and ``float_arg(min, max)`` are argparse ``type=`` callables
-  that reject out-of-range and non-finite values at parse time (usage error, exit status 2), e.g.
-  ``--max-steps -5`` -> ``argument --max-steps: must be an integer >= 1, got '-5'``.
+- Numeric options: ``int_range(min, max)`` and ``float_range(min, max)`` parse a string and raise a ``ValueError``
+  for out-of-range and non-finite values (``must be an integer >= 1, got '-5'``); the commands use them as argparse
+  types (``dit_fast.commands.arguments``: a usage error, exit status 2), ``TrainConfig.check`` on its fields.
 - Output paths: ``check_output_file`` / ``check_output_dir`` make sure a path can be written (its folder exists or
   can be made, is writable, the path is not a folder where a file is meant, and the disk has room) before any model
   is loaded, so a run never computes for hours and then fails to save.
@@ -16,7 +16,6 @@ No torch here: the command checks its arguments before loading anything heavy.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -46,7 +45,7 @@ class Interrupted(Exception):
         return signal.Signals(self.signum).name
 
 
-# ---------------------------------------------------------------------------------------------------- argparse
+# ---------------------------------------------------------------------------------------------------- numbers
 
 def _bounds(min_value: float | None, max_value: float | None) -> str:
     if min_value is not None and max_value is not None:
@@ -56,27 +55,27 @@ def _bounds(min_value: float | None, max_value: float | None) -> str:
     return f"<= {max_value}" if max_value is not None else ""
 
 
-def int_arg(min_value: int | None = None, max_value: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type`` for integers in ``[min_value, max_value]`` (either bound optional)."""
+def int_range(min_value: int | None = None, max_value: int | None = None) -> Callable[[str], int]:
+    """A parser of integers in ``[min_value, max_value]`` (either bound optional); ValueError otherwise."""
     what = " ".join(["an integer", _bounds(min_value, max_value)]).strip()
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+            raise ValueError(f"must be {what}, got {text!r}") from None
         if (min_value is not None and value < min_value) or (max_value is not None and value > max_value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+            raise ValueError(f"must be {what}, got {text!r}")
         return value
 
     parse.__name__ = "int"
     return parse
 
 
-def float_arg(min_value: float | None = None, max_value: float | None = None, *,
-              exclusive_min: bool = False) -> Callable[[str], float]:
-    """An argparse ``type`` for finite floats in ``[min_value, max_value]`` (``(min_value, ...`` with
-    ``exclusive_min``); NaN and infinities are always rejected."""
+def float_range(min_value: float | None = None, max_value: float | None = None, *,
+                exclusive_min: bool = False) -> Callable[[str], float]:
+    """A parser of finite floats in ``[min_value, max_value]`` (``(min_value, ...`` with ``exclusive_min``); NaN and
+    infinities are always rejected (ValueError)."""
     if exclusive_min and min_value is not None:
         what = f"a finite number > {min_value}" + (f" and <= {max_value}" if max_value is not None else "")
     else:
@@ -86,19 +85,19 @@ def float_arg(min_value: float | None = None, max_value: float | None = None, *,
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+            raise ValueError(f"must be {what}, got {text!r}") from None
         too_low = min_value is not None and (value <= min_value if exclusive_min else value < min_value)
         if not math.isfinite(value) or too_low or (max_value is not None and value > max_value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+            raise ValueError(f"must be {what}, got {text!r}")
         return value
 
     parse.__name__ = "float"
     return parse
 
 
-positive_int = int_arg(1)
-non_negative_int = int_arg(0)
-positive_float = float_arg(0.0, exclusive_min=True)
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+positive_float = float_range(0.0, exclusive_min=True)
 
 
 # ---------------------------------------------------------------------------------------------------- output paths

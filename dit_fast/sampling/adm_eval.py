@@ -39,12 +39,12 @@ Reference batches are ADM's ``.npz`` files (e.g. ``VIRTUAL_imagenet256_labeled.n
 ``mu``, ``sigma``, ``mu_s``, ``sigma_s``); images are streamed from the zip member in batches, never loaded whole
 (50K 256x256 samples are 9.8 GB).
 
-Command line: ``dit-fast evaluate samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--inception-weights PATH]``.
+Command line (``dit_fast.commands.evaluate``): ``dit-fast evaluate samples.npz --ref
+VIRTUAL_imagenet256_labeled.npz [--inception-weights PATH]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dit_fast.frechet import feature_statistics, frechet_distance
+from dit_fast.sampling.frechet import feature_statistics, frechet_distance
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -441,23 +441,5 @@ def evaluate(samples: str | Path, ref: str | Path, features: Features | None = N
     }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dit-fast evaluate`` options of the ADM metrics (used with ``--ref``)."""
-    group = parser.add_argument_group("ADM metrics (FID, sFID, IS, precision, recall) with --ref")
-    group.add_argument("--ref", default=None, metavar="REF.npz",
-                       help="ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz): score SAMPLES against it")
-    group.add_argument("--inception-weights", default=None, metavar="PATH",
-                       help=f"torch-fidelity InceptionV3 weights ({INCEPTION_FILE}; default: torch-fidelity's cache "
-                            "under $TORCH_HOME/hub/checkpoints)")
-    group.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per Inception batch")
-    group.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    group.add_argument("--progress", action="store_true", help="show a progress bar per file")
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
-    """``dit-fast evaluate SAMPLES --ref REF``: the metrics, or SystemExit naming what is wrong or missing."""
-    try:
-        return evaluate(args.samples, args.ref, inception_weights=args.inception_weights,
-                        batch_size=args.batch_size, device=args.device, progress=args.progress)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(f"dit-fast evaluate: {e}") from None

@@ -1,22 +1,18 @@
-"""Sample quality: the digits scorer of the built-in default, and the ``dit-fast evaluate`` command.
+"""Sample quality on the built-in digits, and the readers of samples / statistics files.
 
-- ``frechet_distance``, ``feature_statistics``, ``frechet_distance_features``: the Fréchet distance (from
-  ``dit_fast.frechet``, the math shared with the ADM metrics).
 - ``evaluate_digits_model(model, out_dir)``: samples a trained digits DiT (what ``dit-fast train`` runs after
   training on the built-in digits), scores it with ``evaluate_digits`` and writes a grid and ``metrics.json``.
 - ``evaluate_digits(samples, labels)``: a scikit-learn classifier (RBF SVM) trained once on real digits
   (deterministic, cached per process) scores class-conditional samples: the share classified as the class asked
   for; and the Fréchet distance between the samples and the real digits in PCA features (32 components).
-
-``dit-fast evaluate`` scores a samples ``.npz`` (from ``dit-fast sample --npz``) of digits; with ``--ref REF.npz``
-it computes the ADM evaluator's FID, sFID, Inception Score, precision and recall against a reference batch
-(``dit_fast.adm_eval``, InceptionV3 in PyTorch); ``--frechet A B`` gives the Fréchet distance between two
-feature/statistics files (``.npz`` with ``mu`` and ``sigma``, as the ADM reference batches, or a 2-D ``features``).
+- ``check_npz`` / ``load_statistics``: a samples ``.npz`` checked before reading; ``mu``/``sigma`` (or 2-D
+  ``features``) of a statistics file. The Fréchet distance itself is ``dit_fast.sampling.frechet``; the ADM
+  metrics (FID, sFID, IS, precision, recall) are ``dit_fast.sampling.adm_eval``; ``dit-fast evaluate`` is
+  ``dit_fast.commands.evaluate``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import time
@@ -27,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dit_fast import adm_eval
 from dit_fast.diffusion import Transport
-from dit_fast.frechet import feature_statistics, frechet_distance, frechet_distance_features
 from dit_fast.reference import check_labels
-from dit_fast.sample import generate, save_grid
+from dit_fast.sampling.frechet import feature_statistics, frechet_distance_features
+from dit_fast.sampling.generate import generate
+from dit_fast.sampling.outputs import save_grid
 
 DIGITS_FEATURES = 32
 DIGITS_TEST_FRACTION = 0.2
@@ -166,45 +162,5 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path!r} has neither 'mu' and 'sigma' nor 'features' (it has {sorted(f.files)})")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("samples", nargs="?", default=None,
-                        help="samples .npz from `dit-fast sample --npz` (arr_0 + labels): digits, or any "
-                             "images with --ref")
-    parser.add_argument("--frechet", nargs=2, metavar=("A", "B"), default=None,
-                        help="Fréchet distance between two .npz files with mu/sigma or features")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    adm_eval.add_arguments(parser)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Score digit samples (class accuracy, Fréchet distance), samples against an ADM reference batch (``--ref``),
-    or compare two feature statistics files."""
-    if (args.samples is None) == (args.frechet is None):
-        raise SystemExit("dit-fast evaluate: give a samples .npz, or --frechet A B")
-    if args.ref is not None and args.samples is None:
-        raise SystemExit("dit-fast evaluate: --ref needs a samples .npz to score against it")
-    try:
-        if args.ref is not None:
-            result = adm_eval.run(args)
-        elif args.frechet is not None:
-            result: dict[str, float] = {"frechet": frechet_distance(*load_statistics(args.frechet[0]),
-                                                                     *load_statistics(args.frechet[1]))}
-        else:
-            with np.load(check_npz(args.samples)) as f:
-                if "arr_0" not in f or "labels" not in f:
-                    raise ValueError(f"{args.samples!r} needs 'arr_0' (N, 8, 8, C) uint8 and 'labels' (N,); it has "
-                                     f"{sorted(f.files)}")
-                images, labels = f["arr_0"], f["labels"]
-            square = images.ndim == 4 and images.shape[1] == images.shape[2] >= 8
-            if images.dtype != np.uint8 or not square:
-                raise ValueError(f"{args.samples!r}: arr_0 must be digit images (N, S, S, C) uint8, S >= 8, got "
-                                 f"{images.shape} {images.dtype} (other data sets: --ref REF.npz, the ADM metrics)")
-            result = evaluate_digits(images, labels)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"dit-fast evaluate: {e}") from None
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k}: {v:.4f}")
-    return 0

@@ -19,7 +19,7 @@ block i+1's attention branch), and qkv is viewed as (N, T, 3, H, hd) for the att
 
 Backends: ``kernels="auto" | "triton" | "torch"`` (the ``dit_fast.kernels`` ops, which run Triton on CUDA, or their
 plain-PyTorch ``_ref`` twins, which ``torch.compile`` fuses on the CPU; default ``$DIT_FAST_KERNELS``, else Triton
-on CUDA and torch elsewhere) and ``attention=`` any name of ``dit_fast.attention.BACKENDS`` or "auto".
+on CUDA and torch elsewhere) and ``attention=`` any name of ``dit_fast.models.attention.BACKENDS`` or "auto".
 
 Precision: the conditioning (timestep MLP, c) is computed in fp32 whatever the weights' dtype, and ``silu(c)`` is cast
 once to the dtype the adaLN linears compute in; the fused norms compute in fp32 internally; the residual stream keeps
@@ -31,7 +31,7 @@ autocast dtype.
 Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
 weight. With gradients, each block computes its own adaLN from its own parameters (no cross-block parameter access,
 so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). On the CPU the linears run
-through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.onednn``); on
+through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.models.onednn``); on
 CUDA, without gradients, fc1's bias and GELU run in cuBLASLt's GEMM epilogue (``dit_fast.kernels.linear_gelu``). The
 kernel sets come from ``dit_fast.kernels.registry``; ARCHITECTURE.md at the repository root places the model among
 the other layers.
@@ -48,20 +48,11 @@ from torch.utils.checkpoint import checkpoint
 
 from dit_fast import kernels as K
 from dit_fast import reference
-from dit_fast.attention import attention, require_backend
-from dit_fast.kernels.registry import KERNELS, KERNELS_ENV_VAR, KernelOps, require_kernels, resolve_kernels
-from dit_fast.onednn import fused_linear, onednn_linear
-from dit_fast.reference import (
-    DiT,
-    guided_forward,
-    model_constructors,
-    timestep_embedding,
-)
-
-# The kernel-set registry now lives with the kernels (dit_fast.kernels.registry) and the oneDNN linear in
-# dit_fast.onednn; both stay importable from here.
-__all__ = ["KERNELS", "KERNELS_ENV_VAR", "DiTFast", "DiT_models", "KernelOps", "fused_linear", "onednn_linear",
-           "require_kernels", "resolve_kernels"]
+from dit_fast.diffusion.guidance import guided_forward
+from dit_fast.kernels.registry import KERNELS, KernelOps, require_kernels, resolve_kernels
+from dit_fast.models.attention import attention, require_backend
+from dit_fast.models.onednn import fused_linear
+from dit_fast.reference import DiT, model_constructors, timestep_embedding
 
 
 def _autocasting(device_type: str) -> bool:
@@ -201,7 +192,7 @@ class DiTFast(DiT):
 
     Args (beyond the reference's):
         kernels: "auto", "triton" or "torch" (see the module docstring).
-        attention: "auto" or a ``dit_fast.attention.BACKENDS`` name ("flash_attn", "sdpa", "math", ...).
+        attention: "auto" or a ``dit_fast.models.attention.BACKENDS`` name ("flash_attn", "sdpa", "math", ...).
         gradient_checkpointing: recompute each block in the backward (also settable as an attribute).
 
     Precision: run in fp32 (on CUDA, TF32 matmuls are the user's switch: ``torch.backends.cuda.matmul.allow_tf32 =
@@ -414,44 +405,6 @@ class DiTFast(DiT):
         return run
 
 
-class CUDAGraphRunner:
-    """A DiTFast served by CUDA graphs: ``runner(x, t, y)`` and ``runner.forward_with_cfg(...)`` with the model's
-    signatures, each captured once per input shape and guidance setting (``DiTFast.cuda_graph``) and replayed.
-
-    For sampling loops (``dit-fast sample --cuda-graph``): the first call of each shape captures (under the autocast
-    context active then, which the replays keep), later calls replay. Outputs are cloned, so they stay valid.
-    """
-
-    def __init__(self, model: DiTFast) -> None:
-        if not isinstance(model, DiTFast):
-            raise TypeError(f"CUDA-graph sampling needs a DiTFast model, got {type(model).__name__}")
-        self.model = model
-        self.graphs: dict[tuple[Any, ...], Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
-
-    @property
-    def config(self) -> Any:
-        return self.model.config
-
-    def _run(self, key: tuple[Any, ...], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-             capture: Callable[[], Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
-             ) -> torch.Tensor:
-        key = (*key, tuple(x.shape), x.dtype, t.dtype, y.dtype, x.device, torch.is_autocast_enabled(x.device.type),
-               torch.get_autocast_dtype(x.device.type))
-        run = self.graphs.get(key)
-        if run is None:
-            run = self.graphs[key] = capture()
-        return run(x, t, y).clone()
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """As ``DiTFast.forward``: x (N, C, H, W), t (N,), y (N,) -> (N, out_channels, H, W)."""
-        return self._run(("forward",), x, t, y, lambda: self.model.cuda_graph(x, t, y))
-
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
-        """As ``DiTFast.forward_with_cfg`` on the doubled batch (2N, ...)."""
-        key = ("cfg", float(cfg_scale), guide_channels, None if interval is None else tuple(interval))
-        return self._run(key, x, t, y, lambda: self.model.cuda_graph(x, t, y, cfg_scale, guide_channels=guide_channels,
-                                                                     interval=interval))
 
 
 DiT_models: dict[str, Callable[..., DiTFast]] = model_constructors(DiTFast)

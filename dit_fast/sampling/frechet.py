@@ -5,7 +5,7 @@
   matrix square root's trace from symmetric eigen-decompositions (no scipy needed);
 - ``frechet_distance_features(f1, f2)``: the distance between two feature sets.
 
-Used by the digits scorer (``dit_fast.metrics``) and the ADM metrics (``dit_fast.adm_eval``).
+Used by the digits scorer (``dit_fast.sampling.metrics``) and the ADM metrics (``dit_fast.sampling.adm_eval``).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
-"""Train a DiT: one process (CPU or GPU), DDP across ``torchrun`` processes, or FSDP.
+"""The training loop (``Trainer``): one process (CPU or GPU), DDP across ``torchrun`` processes, or FSDP.
 
-With no arguments, ``dit-fast train`` trains a small DiT on the built-in handwritten digits (scikit-learn's, pixel
-space, no download) in a few minutes on a laptop CPU, then samples a grid and scores it (``dit_fast.metrics``).
-With ``--data-path`` it trains on an image folder (ImageNet layout; encoded online by ``--vae``) or on a latent
-folder from ``dit-fast extract-latents``, with the official recipe's defaults (DiT-XL/2, AdamW lr 1e-4, no weight
-decay, global batch 256, EMA 0.9999):
+With no arguments, ``dit-fast train`` (``dit_fast.commands.train``) trains a small DiT on the built-in handwritten
+digits (scikit-learn's, pixel space, no download) in a few minutes on a laptop CPU, then samples a grid and scores it
+(``dit_fast.sampling.metrics``). With ``--data-path`` it trains on an image folder (ImageNet layout; encoded online by
+``--vae``) or on a latent folder from ``dit-fast extract-latents``, with the official recipe's defaults (DiT-XL/2, AdamW
+lr 1e-4, no weight decay, global batch 256, EMA 0.9999):
 
     torchrun --nproc_per_node 8 -m dit_fast.cli train --data-path latents/ --model DiT-XL/2
 
-Settings are one ``TrainConfig`` (``dit_fast.train_config``: the flags, the digits and official recipes); processes
-come from ``dit_fast.distributed``; checkpoints and resume from ``dit_fast.train_state``. ARCHITECTURE.md at the
-repository root draws one training step through these modules.
+Settings are one ``TrainConfig`` (``dit_fast.training.config``: the flags, the digits and official recipes); processes
+come from ``dit_fast.utils.distributed``; checkpoints and resume from ``dit_fast.training.state``. ARCHITECTURE.md at
+the repository root draws one training step through these modules.
 
 Determinism: the data order and flips are a function of (global seed, epoch), and every per-sample random draw
 (timestep, noise, label dropout, latent sample) is drawn for the whole global batch from a generator seeded by
@@ -27,7 +27,6 @@ a checkpoint there (exit status 130 / 143); a NaN or infinite loss stops it with
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import signal
@@ -40,8 +39,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dit_fast.config import DiTConfig, gflops
-from dit_fast.data import (
+from dit_fast.diffusion import TimeSampling, create_diffusion, create_transport
+from dit_fast.models.config import DiTConfig, gflops
+from dit_fast.models.dit import DiTFast
+from dit_fast.models.vae import SCALE_FACTOR, VAE
+from dit_fast.reference import DiT
+from dit_fast.sampling.metrics import evaluate_digits_model
+from dit_fast.training.config import TrainConfig
+from dit_fast.training.data import (
     DigitsDataset,
     ImageFolderDataset,
     LatentDataset,
@@ -51,60 +56,25 @@ from dit_fast.data import (
     mix_seed,
     sample_latents,
 )
-from dit_fast.diffusion import TimeSampling, create_diffusion, create_transport
-from dit_fast.distributed import (
+from dit_fast.training.state import (
+    check_finite_losses,
+    find_resume,
+    load_state_dicts,
+    new_experiment_dir,
+    remove_partial_files,
+    save_train_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from dit_fast.utils.distributed import (
     Dist,
     StopSignals,
     all_reduce_mean,
     broadcast_object,
-    cleanup,
     compile_and_shard,
-    setup_distributed,
 )
-from dit_fast.files import atomic_save
-from dit_fast.hardware import peak_flops
-from dit_fast.metrics import evaluate_digits_model
-from dit_fast.model import DiTFast
-from dit_fast.reference import DiT
-from dit_fast.train_config import DIGITS_MODEL, DIGITS_RECIPE, OFFICIAL_RECIPE, TrainConfig, add_arguments
-from dit_fast.train_state import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_NAME,
-    check_finite_losses,
-    find_resume,
-    list_checkpoints,
-    load_state_dicts,
-    load_train_checkpoint,
-    new_experiment_dir,
-    remove_partial_files,
-    resolve_resume,
-    rng_state,
-    save_train_checkpoint,
-    seed_everything,
-    set_rng_state,
-    state_dicts,
-)
-from dit_fast.vae import SCALE_FACTOR, VAE
-from dit_fast.validation import Interrupted, UserError, check_free_space, check_output_dir
-
-# Names that lived here before the split, kept importable from dit_fast.train.
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "DIGITS_MODEL", "DIGITS_RECIPE", "OFFICIAL_RECIPE", "Dist", "RunLog",
-           "TrainConfig", "Trainer", "add_arguments", "all_reduce_mean", "atomic_save", "broadcast_object",
-           "build_model", "ema_decay_at", "list_checkpoints", "load_state_dicts", "load_train_checkpoint", "main",
-           "new_experiment_dir", "peak_flops", "resolve_config", "resolve_recipe", "resolve_resume", "rng_state",
-           "seed_everything", "set_rng_state", "setup_distributed", "state_dicts", "step_generator", "update_ema"]
-
-
-def resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe fields of parsed flags, unset ones filled from the recipe (``TrainConfig.resolved``)."""
-    cfg = TrainConfig.from_args(args).resolved()
-    return {k: getattr(cfg, k) for k in cfg.recipe}
-
-
-def resolve_config(args: argparse.Namespace, in_channels: int, input_size: int | tuple[int, int],
-                   data_classes: int) -> DiTConfig:
-    """The model config of parsed flags for the data (``TrainConfig.model_config``)."""
-    return TrainConfig.from_args(args).model_config(in_channels, input_size, data_classes)
+from dit_fast.utils.hardware import peak_flops
+from dit_fast.utils.validation import Interrupted, check_free_space, check_output_dir
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -173,11 +143,10 @@ class RunLog:
 class Trainer:
     """Holds the run's state; ``run()`` trains from ``self.step`` to ``self.total_steps``.
 
-    ``cfg``: the run's ``TrainConfig`` (unset fields are filled from its recipe), or parsed ``dit-fast train`` flags.
+    ``cfg``: the run's ``TrainConfig`` (unset fields are filled from its recipe).
     """
 
-    def __init__(self, cfg: TrainConfig | argparse.Namespace, d: Dist):
-        cfg = TrainConfig.from_args(cfg) if isinstance(cfg, argparse.Namespace) else cfg
+    def __init__(self, cfg: TrainConfig, d: Dist):
         self.cfg, self.d = cfg.resolved(), d
         cfg = self.cfg
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype or
@@ -364,6 +333,26 @@ class Trainer:
                                                collate_fn=collate, pin_memory=self.d.device.type == "cuda",
                                                persistent_workers=False, worker_init_fn=StopSignals.ignore)
 
+    def log_window(self, window: list[dict[str, torch.Tensor]], t0: float, start: float, train_flops: float,
+                   peak: float | None, bar: tqdm) -> None:
+        """Log the steps of ``window`` (since ``t0``): losses averaged over ranks, speed, MFU; terminal and CSV."""
+        d = self.d
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        sps = len(window) / (now - t0)
+        loss = all_reduce_mean(torch.stack([w["loss"] for w in window]).mean().item(), d)
+        mse = all_reduce_mean(torch.stack([w["mse"] for w in window]).mean().item(), d)
+        vb = all_reduce_mean(torch.stack([w["vb"] for w in window]).mean().item(), d)
+        ips = sps * self.global_batch
+        mfu = ips * train_flops / (peak * d.world_size) if peak else None
+        self.log(f"(step={self.step:07d}) loss {loss:.4f} (mse {mse:.4f}, vb {vb:.4f}), lr {window[-1]['lr']:.2e}, "
+                 f"{sps:.2f} steps/s, {ips:.1f} img/s" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+        self.log.row({"step": self.step, "epoch": self.epoch, "loss": loss, "mse": mse, "vb": vb,
+                      "lr": window[-1]["lr"], "steps_per_sec": sps, "images_per_sec": ips,
+                      "mfu": "" if mfu is None else mfu, "elapsed_s": now - start})
+
     def run(self) -> None:
         cfg, d = self.cfg, self.d
         self.log(f"DiT {self.config} | {self.params:,} parameters | impl {cfg.impl} | "
@@ -394,23 +383,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     check_finite_losses(window, self.step, self.saved_step, self.ckpt_dir, d)
-                    if d.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    now = time.perf_counter()
-                    sps = len(window) / (now - t0)
-                    loss = all_reduce_mean(torch.stack([w["loss"] for w in window]).mean().item(), d)
-                    mse = all_reduce_mean(torch.stack([w["mse"] for w in window]).mean().item(), d)
-                    vb = all_reduce_mean(torch.stack([w["vb"] for w in window]).mean().item(), d)
-                    ips = sps * self.global_batch
-                    mfu = ips * train_flops / (peak * d.world_size) if peak else None
-                    msg = (f"(step={self.step:07d}) loss {loss:.4f} (mse {mse:.4f}, vb {vb:.4f}), lr "
-                           f"{window[-1]['lr']:.2e}, {sps:.2f} steps/s, {ips:.1f} img/s"
-                           + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
-                    self.log(msg)
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-                    self.log.row({"step": self.step, "epoch": self.epoch, "loss": loss, "mse": mse, "vb": vb,
-                                  "lr": window[-1]["lr"], "steps_per_sec": sps, "images_per_sec": ips,
-                                  "mfu": "" if mfu is None else mfu, "elapsed_s": now - start})
+                    self.log_window(window, t0, start, train_flops, peak, bar)
                     window, t0 = [], time.perf_counter()
                 if self.step % cfg.ckpt_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint(window)
@@ -440,32 +413,3 @@ def evaluate_digits_run(trainer: Trainer) -> dict[str, Any]:
                                  cfg_scale=cfg.eval_cfg_scale, sampler=sampler, num_steps=steps,
                                  seed=cfg.global_seed, device=trainer.d.device, log=trainer.log,
                                  transport=trainer.transport)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Train a DiT (with no arguments: a small one on the built-in digits, then sample and score it)."""
-    cfg = TrainConfig.from_args(args).resolved()
-    if cfg.eval and cfg.data_path is not None:
-        raise UserError("--eval scores the built-in digits only; for other data run `dit-fast sample --npz` and the "
-                        "ADM evaluator")
-    check_output_dir(cfg.results_dir, "--results-dir")
-    try:
-        d = setup_distributed(cfg.device)
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
-    if cfg.threads is not None and d.device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    try:
-        trainer = Trainer(cfg, d)
-        trainer.run()
-        if cfg.data_path is None and cfg.eval and d.is_main:
-            evaluate_digits_run(trainer)
-    finally:
-        cleanup(d)
-    return 0
-
-
-if __name__ == "__main__":  # also launchable as a script: torchrun dit_fast/train.py --data-path ...
-    _parser = argparse.ArgumentParser(prog="dit-fast train", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    raise SystemExit(main(_parser.parse_args()))

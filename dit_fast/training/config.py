@@ -1,23 +1,22 @@
 """``TrainConfig``: every setting of a training run, one field per ``dit-fast train`` flag, and the two recipes.
 
-The CLI fills a ``TrainConfig`` from its flags (``--global-batch-size`` is ``global_batch_size``; ``add_arguments``
-builds the parser from the fields, so a setting is declared once). A field left ``None`` takes its value from a
-recipe, a preset of the config: ``DIGITS_RECIPE`` (no ``--data-path``: a 0.3M-parameter DiT on the built-in 8x8
-digits that trains in minutes on a CPU) or ``OFFICIAL_RECIPE`` (the paper's: DiT-XL/2, AdamW lr 1e-4, no weight
-decay, global batch 256, EMA 0.9999). ``TrainConfig.resolved()`` applies it; in Python::
+The CLI fills a ``TrainConfig`` from its flags (``--global-batch-size`` is ``global_batch_size``;
+``dit_fast.commands.train`` builds the parser from the fields, so a setting is declared once). A field left ``None``
+takes its value from a recipe, a preset of the config: ``DIGITS_RECIPE`` (no ``--data-path``: a 0.3M-parameter DiT on
+the built-in 8x8 digits that trains in minutes on a CPU) or ``OFFICIAL_RECIPE`` (the paper's: DiT-XL/2, AdamW lr 1e-4,
+no weight decay, global batch 256, EMA 0.9999). ``TrainConfig.resolved()`` applies it; in Python::
 
     cfg = TrainConfig(data_path="latents/", model="DiT-B/2", max_steps=1000).resolved()
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from dit_fast.config import CONFIGS, DiTConfig, get_config
-from dit_fast.validation import float_arg, non_negative_int, positive_float, positive_int
+from dit_fast.models.config import CONFIGS, DiTConfig, get_config
+from dit_fast.utils.validation import float_range, non_negative_int, positive_float, positive_int
 
 # The built-in default: a small DiT on the 8x8 digits, and a recipe that trains it well in minutes on a CPU.
 # Small and many steps beats wide and few here: in 180 s of CPU time width 64 made 5,338 steps where width 128 made
@@ -41,14 +40,16 @@ _OBJ = "objective (DDPM as DiT, or flow matching as SiT)"
 _PERF, _LOG = "performance", "logging, checkpoints, evaluation"
 
 
-def _flag(group: str, default: Any = None, help: str | None = None, **argparse_kwargs: Any) -> Any:
-    """A field that is also the flag ``--<name-with-dashes>`` in ``group`` (argparse keywords in the metadata)."""
-    return field(default=default, metadata={"group": group, "help": help, **argparse_kwargs})
+def _flag(group: str, default: Any = None, help: str | None = None, **flag_options: Any) -> Any:
+    """A field that is also the flag ``--<name-with-dashes>`` in ``group``. ``flag_options`` are argparse's keywords
+    (``dit_fast.commands.train`` builds the flags): ``type`` a parser raising ValueError (``TrainConfig.check``
+    runs it too), ``action="boolean_optional"`` a ``--x/--no-x`` pair."""
+    return field(default=default, metadata={"group": group, "help": help, **flag_options})
 
 
-def time_sampling_arg(text: str) -> str:
-    """argparse type of ``--time-sampling`` (checked here without torch; ``dit_fast.diffusion.TimeSampling`` reads
-    it): ``uniform``, ``lognormal`` or ``lognormal:M:S`` with S > 0."""
+def time_sampling_spec(text: str) -> str:
+    """The parser of ``--time-sampling`` (checked here without torch; ``dit_fast.diffusion.TimeSampling`` reads
+    it): ``uniform``, ``lognormal`` or ``lognormal:M:S`` with S > 0; ValueError otherwise."""
     parts = text.strip().split(":")
     if parts == ["uniform"] or parts == ["lognormal"]:
         return parts[0]
@@ -59,7 +60,7 @@ def time_sampling_arg(text: str) -> str:
             m = s = float("nan")
         if math.isfinite(m) and math.isfinite(s) and s > 0:
             return f"lognormal:{m:g}:{s:g}"
-    raise argparse.ArgumentTypeError(f"{text!r}: expected uniform, lognormal or lognormal:M:S (finite M, S > 0)")
+    raise ValueError(f"{text!r}: expected uniform, lognormal or lognormal:M:S (finite M, S > 0)")
 
 
 @dataclass
@@ -87,11 +88,11 @@ class TrainConfig:
     lr: float | None = _flag(_OPT, help="AdamW learning rate (default 1e-4; 2e-3 for the digits)", type=positive_float)
     warmup_steps: int | None = _flag(_OPT, help="linear LR warm-up steps (default 0; 100 digits)",
                                      type=non_negative_int)
-    weight_decay: float = _flag(_OPT, 0.0, type=float_arg(0.0))
+    weight_decay: float = _flag(_OPT, 0.0, type=float_range(0.0))
     ema_decay: float | None = _flag(_OPT, help="default 0.9999 (official); 0.999 for the digits",
-                                    type=float_arg(0.0, 1.0))
+                                    type=float_range(0.0, 1.0))
     ema_warmup: bool | None = _flag(_OPT, help="EMA decay min(decay, (1+step)/(10+step)), for short runs (default: "
-                                    "on for the digits)", action=argparse.BooleanOptionalAction)
+                                    "on for the digits)", action="boolean_optional")
     max_grad_norm: float | None = _flag(_OPT, help="clip the gradient norm (default: no clipping)", type=positive_float)
     diffusion_steps: int = _flag(_OPT, 1000, type=positive_int)
     global_seed: int = _flag(_OPT, 0, type=non_negative_int)
@@ -104,10 +105,10 @@ class TrainConfig:
     loss_weight: str = _flag(_OBJ, "none", "flow loss weighting of score/noise prediction (SiT's)",
                              choices=["none", "velocity", "likelihood"])
     train_eps: float | None = _flag(_OBJ, help="flow: keep training times in [eps, 1 - eps] (default: SiT's, 0 for "
-                                    "velocity on Linear/GVP, else 1e-3; VP 1e-5)", type=float_arg(0.0, 0.499))
+                                    "velocity on Linear/GVP, else 1e-3; VP 1e-5)", type=float_range(0.0, 0.499))
     sample_eps: float | None = _flag(_OBJ, help="flow: the same for sampling, stored in the checkpoint (default: "
-                                     "SiT's, 0 for velocity on Linear/GVP, else 1e-3)", type=float_arg(0.0, 0.499))
-    time_sampling: str = _flag(_OBJ, "uniform", TIME_SAMPLING_HELP, type=time_sampling_arg)
+                                     "SiT's, 0 for velocity on Linear/GVP, else 1e-3)", type=float_range(0.0, 0.499))
+    time_sampling: str = _flag(_OBJ, "uniform", TIME_SAMPLING_HELP, type=time_sampling_spec)
 
     device: str | None = _flag(_PERF, help="cuda or cpu (default: cuda when available)")
     dtype: str | None = _flag(_PERF, help="autocast dtype (default: bf16 on GPU, fp32 on CPU); weights and optimizer "
@@ -129,9 +130,9 @@ class TrainConfig:
                                "folder or a .pt")
     no_progress: bool = _flag(_LOG, False, "no progress bar", action="store_true")
     eval: bool | None = _flag(_LOG, help="after training the digits: sample, write a grid, report accuracy and "
-                              "Frechet distance", action=argparse.BooleanOptionalAction)
+                              "Frechet distance", action="boolean_optional")
     eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle)", type=positive_int)
-    eval_cfg_scale: float = _flag(_LOG, 2.0, "digits evaluation: guidance scale", type=float_arg(1.0))
+    eval_cfg_scale: float = _flag(_LOG, 2.0, "digits evaluation: guidance scale", type=float_range(1.0))
     eval_sampler: str | None = _flag(_LOG, help="digits evaluation sampler (default: ddpm; ode-heun for flow)",
                                      choices=["ddpm", "ddim", "dpm++", "ode-euler", "ode-heun", "ode-dopri5", "sde"])
     eval_steps: int | None = _flag(_LOG, help="digits evaluation sampling steps (default: 100; 26 time points, 50 "
@@ -152,13 +153,13 @@ class TrainConfig:
 
     def check(self) -> TrainConfig:
         """``self``, or a ValueError naming a field outside its range: the range of its flag, which the command
-        line checks when it parses (``dit_fast.validation``)."""
+        line checks when it parses (``dit_fast.utils.validation``)."""
         for f in fields(self):
             parse, value = f.metadata.get("type"), getattr(self, f.name)
             if parse is not None and value is not None:
                 try:
                     parse(str(value))
-                except argparse.ArgumentTypeError as e:
+                except ValueError as e:
                     raise ValueError(f"TrainConfig {f.name}: {e}") from None
         return self
 
@@ -166,8 +167,8 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        """The config of parsed ``dit-fast train`` flags."""
+    def from_args(cls, args: Any) -> TrainConfig:
+        """The config of parsed ``dit-fast train`` flags (any object with one attribute per field)."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     def model_config(self, in_channels: int, input_size: int | tuple[int, int], data_classes: int) -> DiTConfig:
@@ -184,14 +185,3 @@ class TrainConfig:
         if self.objective == "flow":
             overrides["learn_sigma"] = False  # a flow model predicts one C-channel field, no variance
         return base.replace(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` field, in its group."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(TrainConfig):
-        kwargs = dict(f.metadata)
-        group = kwargs.pop("group")
-        if group not in groups:
-            groups[group] = parser.add_argument_group(group)
-        groups[group].add_argument(f"--{f.name.replace('_', '-')}", default=f.default, **kwargs)

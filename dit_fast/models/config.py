@@ -1,15 +1,12 @@
 """Model configurations: the ``DiTConfig`` dataclass, the paper's 12 named configs, Gflops and parameter counts.
 
-Print the zoo with ``dit-fast info`` (or ``dit-fast info DiT-XL/2 --image-size 512``).
+Print the zoo with ``dit-fast info`` (``dit_fast.commands.info``; e.g. ``dit-fast info DiT-XL/2 --image-size 512``).
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
-
-from dit_fast.validation import int_arg
 
 NUMERICS = ("official", "diffusers")
 
@@ -194,36 +191,3 @@ def zoo_rows(names: list[str] | None = None, input_size: int = 32) -> list[dict[
             "gflops": gflops(cfg),
         })
     return rows
-
-
-def format_zoo(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'name':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} "
-              f"{'params':>9} {'Gflops':>8}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['name']:<10} {r['depth']:>5} {r['hidden']:>6} {r['heads']:>5} {r['patch']:>5} {r['tokens']:>6} "
-            f"{r['params'] / 1e6:>8.1f}M {r['gflops']:>8.2f}"
-        )
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"configs to show (default: all 12): {', '.join(CONFIGS)}")
-    parser.add_argument("--image-size", type=int_arg(8), default=256,
-                        help="image side in pixels; latent side = image/8")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.image_size % 8:
-        raise SystemExit(f"dit-fast info: --image-size {args.image_size} is not a multiple of 8 (the VAE's factor)")
-    try:
-        rows = zoo_rows(args.names or None, input_size=args.image_size // 8)
-    except ValueError as e:
-        raise SystemExit(f"dit-fast info: {e}") from None
-    side, latent = args.image_size, args.image_size // 8
-    print(f"DiT model zoo at {side}x{side} ({latent}x{latent}x4 latents); "
-          "Gflops per image, multiply-add = 1 flop (paper convention)")
-    print(format_zoo(rows))
-    return 0

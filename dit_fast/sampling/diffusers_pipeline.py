@@ -24,7 +24,7 @@ it behind :class:`DiffusersDiT`, a module with the interface the pipeline uses:
 The pipeline itself is unchanged: it still doubles the batch for guidance, guides every eps channel and drops the
 learned variance, so the images are the same as before up to float rounding for the same generator.
 
-Options: ``attention=`` (a ``dit_fast.attention`` backend name, "auto" by default), ``kernels=``, ``compile=``
+Options: ``attention=`` (a ``dit_fast.models.attention`` backend name, "auto" by default), ``kernels=``, ``compile=``
 (``True`` or a dict of ``DiTFast.compile`` arguments: regional ``torch.compile`` of the repeated block) and
 ``cuda_graph=True`` (CUDA only: each new input shape is captured once as a CUDA graph, then replayed; the
 capture is dropped by any device or dtype move).
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from dit_fast.checkpoints import config_from_diffusers, from_diffusers_state_dict
-from dit_fast.model import DiTFast
+from dit_fast.models.dit import DiTFast
 
 GraphKey = tuple[tuple[int, ...], torch.dtype, torch.dtype, torch.dtype]
 
@@ -189,7 +189,7 @@ def accelerate(pipe: Any, *, attention: str = "auto", kernels: str = "auto", com
     a bare ``DiTTransformer2DModel``, for which the replacement :class:`DiffusersDiT` is returned. A pipeline or
     model that is already accelerated gets the new options. Options:
 
-    - ``attention``: an attention backend name of ``dit_fast.attention`` or "auto" (a missing package raises);
+    - ``attention``: an attention backend name of ``dit_fast.models.attention`` or "auto" (a missing package raises);
     - ``kernels``: "auto", "triton" or "torch" (``DiTFast``'s fused ops);
     - ``compile``: ``True`` or a dict of ``DiTFast.compile`` keyword arguments (regional by default);
     - ``cuda_graph``: capture the forward as CUDA graphs (the transformer must be on a CUDA device).
