@@ -11,8 +11,8 @@ so the learned-variance channels always come from the conditional pass, never gu
 reproduces the official DiT exactly (it guides output channels 0..2 only: three of the four latent eps channels,
 kept by the authors for bit-exact FID 2.27; for models with fewer than 3 input channels only their eps channels
 are guided), ``"all"`` is the standard guidance of all eps channels. An optional ``interval=(lo, hi)`` applies
-guidance only at original timesteps lo <= t <= hi (Kynkaanniemi et al. 2024) and returns the conditional output
-elsewhere. ``DiT.forward_with_cfg`` and ``DiTFast.forward_with_cfg`` are this function (DiTFast embeds the shared
+guidance only at times lo <= t <= hi (Kynkaanniemi et al. 2024; original DDPM timesteps, or flow times in [0, 1])
+and returns the conditional output elsewhere. ``DiT.forward_with_cfg`` and ``DiTFast.forward_with_cfg`` are this function (DiTFast embeds the shared
 half once).
 
 ``CFGModel(model, cfg_scale, null_class)`` is the sampler-side view: a model ``(x, t, y) -> output`` on the N
