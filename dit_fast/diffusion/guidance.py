@@ -12,8 +12,8 @@ reproduces the official DiT exactly (it guides output channels 0..2 only: three 
 kept by the authors for bit-exact FID 2.27; for models with fewer than 3 input channels only their eps channels
 are guided), ``"all"`` is the standard guidance of all eps channels. An optional ``interval=(lo, hi)`` applies
 guidance only at times lo <= t <= hi (Kynkaanniemi et al. 2024; original DDPM timesteps, or flow times in [0, 1])
-and returns the conditional output elsewhere. ``DiT.forward_with_cfg`` and ``DiTFast.forward_with_cfg`` are this function (DiTFast embeds the shared
-half once).
+and returns the conditional output elsewhere. ``DiT.forward_with_cfg`` and ``DiTFast.forward_with_cfg`` are this
+function (DiTFast embeds the shared half once).
 
 ``CFGModel(model, cfg_scale, null_class)`` is the sampler-side view: a model ``(x, t, y) -> output`` on the N
 un-doubled inputs, so every sampler accepts it. It builds ``[x; x]``, ``[t; t]``, ``[y; null]``, runs the wrapped
