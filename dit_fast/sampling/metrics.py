@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_fast.diffusion import Transport
 from dit_fast.reference import check_labels
 from dit_fast.sampling.frechet import feature_statistics, frechet_distance_features
 from dit_fast.sampling.generate import generate
@@ -99,11 +100,13 @@ def evaluate_digits(samples: torch.Tensor | np.ndarray, labels: torch.Tensor | n
 
 def evaluate_digits_model(model: torch.nn.Module, out_dir: str | Path, *, num_samples: int = 1000,
                           cfg_scale: float = 2.0, sampler: str = "ddpm", num_steps: int = 100, seed: int = 0,
-                          device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+                          device: torch.device | str = "cpu", log: Callable[[str], None] = print,
+                          transport: Transport | None = None) -> dict[str, Any]:
     """Sample a digits DiT (pixel space, 10 classes) for every class in turn, unguided and with guidance
-    ``cfg_scale``, and score both (``evaluate_digits``). Writes the guided samples' grid (a row per digit) to
-    ``out_dir/samples.png`` and the scores to ``out_dir/metrics.json``; returns the scores ("unguided_accuracy",
-    "guided_frechet", ...) and "grid" (the PNG path)."""
+    ``cfg_scale``, and score both (``evaluate_digits``); a flow model passes its ``transport`` and a flow sampler.
+    Writes the guided samples' grid (a row per digit) to ``out_dir/samples.png`` and the scores to
+    ``out_dir/metrics.json``; returns the scores ("unguided_accuracy", "guided_frechet", ...) and "grid" (the PNG
+    path)."""
     labels = torch.arange(num_samples) % model.config.num_classes
     results: dict[str, Any] = {}
     grid = None
@@ -111,7 +114,7 @@ def evaluate_digits_model(model: torch.nn.Module, out_dir: str | Path, *, num_sa
         t0 = time.perf_counter()
         samples = generate(model, labels, sampler=sampler, num_steps=num_steps, cfg_scale=scale,
                            guide_channels="all", seed=seed, batch_size=num_samples, device=device,
-                           clip_denoised=True, progress=False)
+                           clip_denoised=True, progress=False, transport=transport)
         scores = evaluate_digits(samples, labels)
         log(f"{name} (cfg {scale}, {sampler}-{num_steps}, {num_samples} samples): class accuracy "
             f"{100 * scores['accuracy']:.1f}%, Frechet distance {scores['frechet']:.3f} "

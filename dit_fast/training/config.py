@@ -11,6 +11,7 @@ no weight decay, global batch 256, EMA 0.9999). ``TrainConfig.resolved()`` appli
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -33,6 +34,9 @@ OFFICIAL_RECIPE: dict[str, Any] = {
     "impl": "fast", "eval": False}
 
 _DATA, _OPT = "data and model (official flag names)", "optimisation"
+TIME_SAMPLING_HELP = ("training time distribution: uniform (default) or lognormal[:M:S], the logit-normal noise level "
+                      "sigmoid(M + S n) of SD3 / LightningDiT (default M 0, S 1), for either objective")
+_OBJ = "objective (DDPM as DiT, or flow matching as SiT)"
 _PERF, _LOG = "performance", "logging, checkpoints, evaluation"
 
 
@@ -41,6 +45,22 @@ def _flag(group: str, default: Any = None, help: str | None = None, **flag_optio
     (``dit_fast.commands.train`` builds the flags): ``type`` a parser raising ValueError (``TrainConfig.check``
     runs it too), ``action="boolean_optional"`` a ``--x/--no-x`` pair."""
     return field(default=default, metadata={"group": group, "help": help, **flag_options})
+
+
+def time_sampling_spec(text: str) -> str:
+    """The parser of ``--time-sampling`` (checked here without torch; ``dit_fast.diffusion.TimeSampling`` reads
+    it): ``uniform``, ``lognormal`` or ``lognormal:M:S`` with S > 0; ValueError otherwise."""
+    parts = text.strip().split(":")
+    if parts == ["uniform"] or parts == ["lognormal"]:
+        return parts[0]
+    if parts[0] == "lognormal" and len(parts) == 3:
+        try:
+            m, s = float(parts[1]), float(parts[2])
+        except ValueError:
+            m = s = float("nan")
+        if math.isfinite(m) and math.isfinite(s) and s > 0:
+            return f"lognormal:{m:g}:{s:g}"
+    raise ValueError(f"{text!r}: expected uniform, lognormal or lognormal:M:S (finite M, S > 0)")
 
 
 @dataclass
@@ -77,6 +97,19 @@ class TrainConfig:
     diffusion_steps: int = _flag(_OPT, 1000, type=positive_int)
     global_seed: int = _flag(_OPT, 0, type=non_negative_int)
 
+    objective: str = _flag(_OBJ, "ddpm", "ddpm: DiT's Gaussian diffusion (eps + learned sigma); flow: SiT's "
+                           "flow matching (the model predicts --prediction along --path-type; no learned sigma)",
+                           choices=["ddpm", "flow"])
+    path_type: str = _flag(_OBJ, "Linear", "flow path (SiT's names)", choices=["Linear", "GVP", "VP"])
+    prediction: str = _flag(_OBJ, "velocity", "what a flow model predicts", choices=["velocity", "score", "noise"])
+    loss_weight: str = _flag(_OBJ, "none", "flow loss weighting of score/noise prediction (SiT's)",
+                             choices=["none", "velocity", "likelihood"])
+    train_eps: float | None = _flag(_OBJ, help="flow: keep training times in [eps, 1 - eps] (default: SiT's, 0 for "
+                                    "velocity on Linear/GVP, else 1e-3; VP 1e-5)", type=float_range(0.0, 0.499))
+    sample_eps: float | None = _flag(_OBJ, help="flow: the same for sampling, stored in the checkpoint (default: "
+                                     "SiT's, 0 for velocity on Linear/GVP, else 1e-3)", type=float_range(0.0, 0.499))
+    time_sampling: str = _flag(_OBJ, "uniform", TIME_SAMPLING_HELP, type=time_sampling_spec)
+
     device: str | None = _flag(_PERF, help="cuda or cpu (default: cuda when available)")
     dtype: str | None = _flag(_PERF, help="autocast dtype (default: bf16 on GPU, fp32 on CPU); weights and optimizer "
                               "stay fp32", choices=["fp32", "bf16"])
@@ -105,8 +138,10 @@ class TrainConfig:
                               "Frechet distance", action="boolean_optional")
     eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle)", type=positive_int)
     eval_cfg_scale: float = _flag(_LOG, 2.0, "digits evaluation: guidance scale", type=float_range(1.0))
-    eval_sampler: str = _flag(_LOG, "ddpm", choices=["ddpm", "ddim", "dpm++"])
-    eval_steps: int = _flag(_LOG, 100, type=positive_int)
+    eval_sampler: str | None = _flag(_LOG, help="digits evaluation sampler (default: ddpm; ode-heun for flow)",
+                                     choices=["ddpm", "ddim", "dpm++", "ode-euler", "ode-heun", "ode-dopri5", "sde"])
+    eval_steps: int | None = _flag(_LOG, help="digits evaluation sampling steps (default: 100; 26 time points, 50 "
+                                   "network evaluations, for ode-heun)", type=positive_int)
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -152,4 +187,6 @@ class TrainConfig:
         overrides = {name: getattr(self, name) for name in ("hidden_size", "depth", "num_heads", "patch_size")
                      if getattr(self, name) is not None}
         base = DIGITS_MODEL if self.model is None and self.data_path is None else get_config(self.model or "DiT-XL/2")
+        if self.objective == "flow":
+            overrides["learn_sigma"] = False  # a flow model predicts one C-channel field, no variance
         return base.replace(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dit_fast.diffusion import create_diffusion
+from dit_fast.diffusion import TimeSampling, create_diffusion, create_transport
 from dit_fast.models.config import DiTConfig, gflops
 from dit_fast.models.dit import DiTFast
 from dit_fast.models.fp8 import enable_fp8
@@ -180,6 +180,9 @@ class Trainer:
         epoch_steps = int(cfg.epochs) * steps_per_epoch
         self.total_steps = epoch_steps if cfg.max_steps is None else min(int(cfg.max_steps), epoch_steps)
         self.diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg.diffusion_steps)
+        self.time_sampling = TimeSampling.parse(cfg.time_sampling)
+        self.transport = (create_transport(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps,
+                                           cfg.sample_eps, self.time_sampling) if cfg.objective == "flow" else None)
         self.step, self.epoch, self.index, self.saved_step = 0, 0, 0, None
         self.resumed: dict[str, Any] | None = None
         self.log, self.notes, self.exp_dir = RunLog(None), [], None  # notes: logged once the folder exists
@@ -257,7 +260,12 @@ class Trainer:
         g = step_generator(self.cfg.global_seed, self.step, dev)
         sl = slice(self.d.rank * self.local_batch, (self.d.rank + 1) * self.local_batch)
         shape = (g_batch, self.config.in_channels, *self.config.grid_input)
-        t = torch.randint(0, self.diffusion.num_timesteps, (g_batch,), generator=g, device=dev)[sl]
+        if self.transport is not None:
+            t = self.transport.sample_time(g_batch, generator=g, device=dev)[sl]  # flow times in [0, 1]
+        elif self.time_sampling.kind == "uniform":  # the official draw (bit-identical to before)
+            t = torch.randint(0, self.diffusion.num_timesteps, (g_batch,), generator=g, device=dev)[sl]
+        else:
+            t = self.time_sampling.ddpm_timesteps(g_batch, self.diffusion.num_timesteps, generator=g, device=dev)[sl]
         noise = torch.randn(shape, generator=g, device=dev)[sl]
         drop = (torch.rand(g_batch, generator=g, device=dev) < self.config.class_dropout_prob)[sl]
         y = torch.where(drop, torch.full_like(y, self.config.num_classes), y)
@@ -280,7 +288,11 @@ class Trainer:
         lr = self.cfg.lr * (min(1.0, (self.step + 1) / warm) if warm else 1.0)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        terms = self.diffusion.training_losses(self._forward, x, t, model_kwargs={"y": y}, noise=noise)
+        if self.transport is not None:
+            terms = self.transport.training_losses(self._forward, x, {"y": y}, t=t, noise=noise)
+            terms["mse"] = terms["loss"]
+        else:
+            terms = self.diffusion.training_losses(self._forward, x, t, model_kwargs={"y": y}, noise=noise)
         loss = terms["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -298,10 +310,17 @@ class Trainer:
         check_finite_losses(window, self.step, self.saved_step, self.ckpt_dir, self.d)
         path = save_train_checkpoint(self.ckpt_dir, self.step, self.model, self.ema, self.opt, self.d,
                                      self.cfg.keep_last, args=self.cfg.to_dict(), config=self.config.to_dict(),
-                                     epoch=self.epoch, index=self.index, global_batch_size=self.global_batch)
+                                     epoch=self.epoch, index=self.index, global_batch_size=self.global_batch,
+                                     objective=self.objective())
         self.saved_step = self.step
         if path is not None:
             self.log(f"saved checkpoint {path}")
+
+    def objective(self) -> dict[str, Any]:
+        """The training objective as checkpoints store it: {"name": "ddpm" | "flow", ...its settings}."""
+        if self.transport is not None:
+            return {"name": "flow", **self.transport.to_dict()}
+        return {"name": "ddpm", "diffusion_steps": self.cfg.diffusion_steps, "time_sampling": self.time_sampling.spec}
 
     # -- loop
 
@@ -393,6 +412,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def evaluate_digits_run(trainer: Trainer) -> dict[str, Any]:
     """Sample the trained EMA model on every digit class, write a grid PNG, score guided and unguided samples."""
     cfg = trainer.cfg
+    sampler = cfg.eval_sampler or ("ddpm" if trainer.transport is None else "ode-heun")
+    steps = cfg.eval_steps or (26 if sampler == "ode-heun" else 100)
     return evaluate_digits_model(trainer.ema, trainer.exp_dir, num_samples=cfg.eval_samples,
-                                 cfg_scale=cfg.eval_cfg_scale, sampler=cfg.eval_sampler, num_steps=cfg.eval_steps,
-                                 seed=cfg.global_seed, device=trainer.d.device, log=trainer.log)
+                                 cfg_scale=cfg.eval_cfg_scale, sampler=sampler, num_steps=steps,
+                                 seed=cfg.global_seed, device=trainer.d.device, log=trainer.log,
+                                 transport=trainer.transport)
