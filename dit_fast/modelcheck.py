@@ -1,0 +1,130 @@
+"""Strict model loading: a model a command loads is whole, of the right kind and finite, or the command stops.
+
+diffusers' ``from_pretrained`` leaves weights it could not match (prefixed keys, another model's file) at their
+random or empty initial values and only logs it, so a wrong VAE folder used to give NaN latents, black images or
+a training run that "diverges". ``load_autoencoder(path)`` instead checks, naming the folder:
+
+- ``config.json`` is readable JSON and describes an ``AutoencoderKL`` (a pipeline folder is pointed to its
+  ``vae/``; a transformer, UNet or other model is refused by its class name);
+- every weight was loaded: no missing, unexpected or mis-shaped keys (``output_loading_info``), the first few
+  named, with a hint when the keys carry a prefix;
+- the weights are finite.
+
+``check_finite(tensor, what)`` checks a first output (the first decoded batch, the first latents) in the same way:
+one ``UserError`` line saying how many values are NaN or infinite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from dit_fast.validation import UserError
+
+VAE_CLASS = "AutoencoderKL"
+HF_VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """``tensor``, or UserError when it holds NaN or infinite values (``what`` names it: "the first latents of
+    VAE vae/", ...)."""
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return tensor
+    nan, total = int(torch.isnan(tensor).sum()), tensor.numel()
+    inf = int((~finite).sum()) - nan
+    raise UserError(f"{what} hold non-finite values ({nan} NaN, {inf} inf of {total}); the model's weights or inputs "
+                    "are broken")
+
+
+def check_finite_module(module: torch.nn.Module, what: str) -> None:
+    """UserError naming the first parameter or buffer of ``module`` that holds NaN or inf."""
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{what}: weight {name} holds non-finite values ({int(torch.isnan(t).sum())} NaN)")
+
+
+def read_model_config(folder: Path, what: str) -> dict:
+    """``folder/config.json`` as a dict; UserError naming the file when it is missing or not a JSON object."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{what} {folder} has no config.json (expected a diffusers {VAE_CLASS} folder, e.g. a local "
+                        f"copy of {HF_VAE_IDS['ema']})")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return config
+
+
+def _vae_folder(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        hint = (f"; {str(path)!r} looks like a name, not a folder: download it first, e.g. `huggingface-cli download "
+                f"{HF_VAE_IDS.get(str(path), HF_VAE_IDS['ema'])} --local-dir vae`" if not p.is_absolute() else "")
+        raise UserError(f"VAE folder {str(path)!r} does not exist{hint}")
+    if not p.is_dir():
+        raise UserError(f"--vae {path} is a file; give the folder holding config.json and the weights")
+    if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
+        raise UserError(f"--vae {path} is a pipeline folder; pass its VAE, {p / 'vae'}")
+    return p
+
+
+def _examples(keys: list[str]) -> str:
+    return ", ".join(sorted(keys)[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers' loading chatter (the accelerate notice, key lists) off: what matters is raised as one line."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_autoencoder(path: str | os.PathLike) -> torch.nn.Module:
+    """diffusers ``AutoencoderKL`` from a local folder, loaded strictly (see the module docstring); eval mode."""
+    if importlib.util.find_spec("diffusers") is None:
+        raise ImportError("the VAE needs diffusers: pip install diffusers (or dit-fast[diffusers])")
+    folder = _vae_folder(path)
+    config = read_model_config(folder, "VAE folder")
+    kind = config.get("_class_name")
+    if kind != VAE_CLASS:
+        raise UserError(f"--vae {path} holds a {kind or 'model without _class_name'} (config.json), not an "
+                        f"{VAE_CLASS}; pass the VAE's folder (e.g. {HF_VAE_IDS['ema']})")
+    from diffusers.models import AutoencoderKL
+
+    try:
+        with _quiet_diffusers():
+            model, info = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the VAE in {folder}: {first}") from None
+    problems = []
+    for field, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                         ("mismatched_keys", "of the wrong shape")):
+        keys = [k[0] if isinstance(k, tuple) else k for k in info.get(field, [])]
+        if keys:
+            problems.append(f"{len(keys)} weights {label} ({_examples(keys)})")
+    if problems:
+        unexpected = list(info.get("unexpected_keys", []))
+        prefix = {k.split(".", 1)[0] for k in unexpected} if unexpected else set()
+        hint = (f"; the file's keys carry the prefix {next(iter(prefix))!r}: strip it" if len(prefix) == 1
+                and info.get("missing_keys") else "")
+        raise UserError(f"the VAE weights in {folder} do not fit its {VAE_CLASS} config: " + "; ".join(problems)
+                        + hint)
+    check_finite_module(model, f"the VAE in {folder}")
+    return model.eval()
