@@ -11,6 +11,8 @@
   worker error) and is killed by the kernel when its parent dies (``PR_SET_PDEATHSIG`` on Linux).
 - ``worker_errors()``: an exception raised in a worker reaches the main process with the worker's whole traceback
   in its message; this turns it into one ``UserError`` line, the worker's own message.
+- ``pause_point(name)``: for fault-injection tests, with ``DIT_FAST_PAUSE_AT=name`` the process says
+  ``dit-fast: paused at NAME`` on stderr and waits for a line on stdin there (a signal can be sent meanwhile).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 from dit_fast.validation import UserError
 
+PAUSE_ENV_VAR = "DIT_FAST_PAUSE_AT"
 _PR_SET_PDEATHSIG = 1
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
@@ -102,3 +105,11 @@ def worker_errors() -> Iterator[None]:
         if message is None:
             raise
         raise UserError(f"{message} (in a data-loading worker)") from None
+
+
+def pause_point(name: str) -> None:
+    """Wait for a line on stdin when ``$DIT_FAST_PAUSE_AT`` is ``name`` (fault-injection tests); else nothing."""
+    if os.environ.get(PAUSE_ENV_VAR) != name:
+        return
+    print(f"dit-fast: paused at {name}", file=sys.stderr, flush=True)
+    sys.stdin.readline()
