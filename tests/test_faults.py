@@ -53,8 +53,9 @@ def _tiny_vae(folder: Path, prefix: str = "") -> None:
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  latent_channels=4, norm_num_groups=4, layers_per_block=1)
     vae.save_pretrained(folder)
     if prefix:
         weights = folder / "diffusion_pytorch_model.safetensors"
@@ -408,7 +409,7 @@ def test_a_truncated_image_in_a_worker_ends_the_run(world, tmp_path, command):
     ({"RANK": "1"}, r"RANK=1 is set but WORLD_SIZE is not"),
     ({"WORLD_SIZE": "abc", "RANK": "0"}, r"environment variable WORLD_SIZE='abc' is not an integer"),
 ])
-def test_a_stray_distributed_environment_is_named(world, capsys, tmp_path, env):
+def test_a_stray_distributed_environment_is_named(world, capsys, tmp_path, env, pattern):
     code, err = run([*SAMPLE, "--ckpt", str(world / "model.pt"), "--out", str(tmp_path / "s.png")], capsys, **env)
     one_line(code, err, 1, pattern)
     code, err = run([*TRAIN, "--results-dir", str(tmp_path / "r"), "--max-steps", "2"], capsys, **env)

@@ -1,19 +1,27 @@
-"""The distributed environment ``torchrun`` sets, read and checked before any process group is joined.
+"""The process's environment, checked before any work: the distributed variables, device names, memory.
 
 ``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` (and ``MASTER_ADDR`` / ``MASTER_PORT``). A stray or
 half-set environment (``RANK=1`` left exported in a shell, ``WORLD_SIZE=abc``) used to make ``sample`` exit 0
 having written nothing (rank 1 of 1 never writes) or ``train`` fail with a TypeError. ``read_dist_env`` accepts
 either none of the variables (one process) or a consistent set, and otherwise raises ``UserError`` naming each
 variable and its value.
+
+``device_arg`` is the argparse type of ``--device`` (cpu, cuda, cuda:N: dit-fast runs nowhere else; "mps" or
+"meta" used to fail deep inside a model); ``check_memory`` refuses work whose host memory cannot exist
+(``--num-samples 10**12``) before the allocator is asked for it.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dit_fast.validation import UserError
+from dit_fast.validation import UserError, format_bytes
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 RANK_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 LAUNCH_HINT = "launch several processes with torchrun, or unset the variables to run one process"
@@ -61,3 +69,33 @@ def read_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
             raise UserError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} unset ({LAUNCH_HINT})")
         _int_var(env, "MASTER_PORT", 1)
     return DistEnv(rank, world_size, local_rank)
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type`` of ``--device``: "cpu", "cuda" or "cuda:N"."""
+    if not _DEVICE.match(text.strip()):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text.strip()
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to new allocations (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(size_bytes: int, label: str) -> None:
+    """UserError when ``size_bytes`` of host memory are more than what is available (``label`` says for what)."""
+    free = available_memory()
+    if free is not None and size_bytes > free:
+        raise UserError(f"{label} need about {format_bytes(size_bytes)} of memory, but {format_bytes(free)} is "
+                        "available")
