@@ -1,9 +1,10 @@
 """A training run folder: its known layout and its one writer.
 
-Layout: ``<results>/NNN-<model>/`` holds ``config.json``, ``log.txt``, ``log.csv``, ``checkpoints/<step:07d>.pt``
-and ``.lock``. ``run_folder_of(checkpoint)`` is the run folder a checkpoint belongs to, or None when the file is
-not at ``<run>/checkpoints/<step>.pt`` of such a folder: a checkpoint from ``downloads/`` starts a new run folder,
-and its grandparent (which may be anything of the user's) is never written.
+Layout: ``<results>/NNN-<model>/`` holds ``config.json`` (the run's: "model", "recipe", "args"), ``log.txt``,
+``log.csv``, ``checkpoints/<step:07d>.pt`` and ``.lock``. ``run_folder_of(checkpoint)`` is the run folder a
+checkpoint belongs to, or None when the file is not at ``<run>/checkpoints/<step>.pt`` of a folder whose
+``config.json`` is a run's: a checkpoint from ``downloads/`` starts a new run folder, and its grandparent (which may
+be anything of the user's) is never written.
 
 One writer: ``RunLock(folder)`` takes an exclusive ``fcntl.flock`` on ``<run>/.lock`` and holds it for the life
 of the process (the kernel releases it when the process ends, however it ends, so a killed run never leaves a
@@ -15,26 +16,48 @@ is informational only; the lock is the ``flock``.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from dit_fast.validation import UserError
 
 LOCK_FILE = ".lock"
-RUN_NAME = re.compile(r"^\d{3,}-.+$")
+RUN_CONFIG_KEYS = {"model", "recipe", "args"}
 CHECKPOINT_FILE = re.compile(r"^\d{7,}\.pt$")
 
 
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a training run's ``config.json`` (a JSON object with "model", "recipe", "args")."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and RUN_CONFIG_KEYS <= set(config)
+
+
 def run_folder_of(checkpoint: str | os.PathLike) -> Path | None:
-    """The run folder of a checkpoint at ``<run>/checkpoints/<step:07d>.pt`` where ``<run>`` is named
-    ``NNN-<model>`` and holds the run's ``config.json``; None for a checkpoint anywhere else."""
+    """The run folder of a checkpoint at ``<run>/checkpoints/<step:07d>.pt`` (``is_run_folder(<run>)``); None for a
+    checkpoint anywhere else."""
     p = Path(os.path.abspath(checkpoint))
     run = p.parent.parent
-    if (CHECKPOINT_FILE.match(p.name) and p.parent.name == "checkpoints" and RUN_NAME.match(run.name)
-            and (run / "config.json").is_file()):
+    if CHECKPOINT_FILE.match(p.name) and p.parent.name == "checkpoints" and is_run_folder(run):
         return run
     return None
+
+
+def discard_if_empty(run: str | os.PathLike) -> bool:
+    """Remove the run folder ``run`` if it holds no checkpoint (a new run stopped before its first save: by an
+    error, Ctrl-C or SIGTERM in its first seconds), so that no folder is left that ``--resume auto`` would pick
+    up and find nothing in. Returns whether it was removed."""
+    run = Path(run)
+    ckpts = run / "checkpoints"
+    if not run.is_dir() or (ckpts.is_dir() and any(CHECKPOINT_FILE.match(p.name) for p in ckpts.iterdir())):
+        return False
+    shutil.rmtree(run, ignore_errors=True)
+    return True
 
 
 class RunLock:

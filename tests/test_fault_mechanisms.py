@@ -24,7 +24,7 @@ from dit_fast.environment import DistEnv, check_memory, device_arg, read_dist_en
 from dit_fast.files import DiskFull, atomic_save, atomic_write, preallocate, sweep_stale_temps, temp_path
 from dit_fast.guard import Output, check_outputs, describe_file, image_format
 from dit_fast.lifecycle import Terminated, terminate_as_interrupt, worker_errors, worker_message
-from dit_fast.runlock import RunLock, run_folder_of
+from dit_fast.runlock import RunLock, discard_if_empty, run_folder_of
 from dit_fast.validation import UserError
 from tests.helpers import ROOT
 
@@ -110,13 +110,22 @@ def test_image_format_by_suffix():
 def test_run_folder_of(tmp_path):
     run = tmp_path / "results" / "003-DiT-S-2"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text('{"model": {}, "recipe": {}, "args": {}}')
     assert run_folder_of(run / "checkpoints" / "0000010.pt") == run
     downloads = tmp_path / "home" / "downloads"
     downloads.mkdir(parents=True)
-    (tmp_path / "home" / "config.json").write_text("{}")  # the user's, never a run's
+    (tmp_path / "home" / "config.json").write_text('{"mine": 1}')  # the user's, never a run's
     assert run_folder_of(downloads / "ckpt.pt") is None
-    assert run_folder_of(tmp_path / "home" / "checkpoints" / "0000010.pt") is None  # not an NNN-<model> folder
+    assert run_folder_of(tmp_path / "home" / "checkpoints" / "0000010.pt") is None  # config.json is not a run's
+
+
+def test_discard_if_empty(tmp_path):
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a" / "log.txt").write_text("started")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints" / "0000001.pt").write_bytes(b"saved")
+    assert discard_if_empty(tmp_path / "a") and not (tmp_path / "a").exists()
+    assert not discard_if_empty(tmp_path / "b") and (tmp_path / "b").exists()
 
 
 def test_run_lock_is_exclusive_across_processes(tmp_path):
