@@ -53,6 +53,7 @@ import importlib.util
 import io
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dit_fast.frechet import feature_statistics, frechet_distance
+from dit_fast.validation import positive_int
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -120,7 +122,7 @@ def open_npz_array(path: str | Path, name: str) -> Iterator[NpzArrayReader]:
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
-        raise ValueError(f"{str(path)!r} is not an .npz file (not a zip archive)") from None
+        raise ValueError(f"{path} is not a readable .npz (truncated, or not an .npz file: no zip directory)") from None
     with archive:
         members = [m.removesuffix(".npy") for m in archive.namelist()]
         if name not in members:
@@ -399,11 +401,14 @@ def compute_activations(path: str | Path, features: Features, batch_size: int = 
     with open_npz_array(path, "arr_0") as reader:
         check_images(reader, path)
         total = -(-len(reader) // batch_size)
-        for batch in tqdm(reader.batches(batch_size), total=total, desc=Path(path).name, disable=not progress):
-            p, s, lg = features(batch)
-            pools.append(p.cpu().numpy())
-            spatials.append(s.cpu().numpy())
-            logits.append(lg.cpu().numpy())
+        try:
+            for batch in tqdm(reader.batches(batch_size), total=total, desc=Path(path).name, disable=not progress):
+                p, s, lg = features(batch)
+                pools.append(p.cpu().numpy())
+                spatials.append(s.cpu().numpy())
+                logits.append(lg.cpu().numpy())
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a damaged member is found as it is streamed
+            raise ValueError(f"{path}: arr_0 is truncated or corrupt ({type(e).__name__}: {e})") from None
     return Activations(np.concatenate(pools), np.concatenate(spatials), np.concatenate(logits))
 
 
@@ -421,6 +426,9 @@ def evaluate(samples: str | Path, ref: str | Path, features: Features | None = N
     CUDA when available). Returns ``{"inception_score", "fid", "sfid", "precision", "recall", "num_samples",
     "num_reference"}``.
     """
+    for path in (samples, ref):  # both files readable, before the network is loaded or a batch is read
+        with open_npz_array(path, "arr_0") as reader:
+            check_images(reader, path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if features is None:
         features = InceptionFeatures(inception_weights).to(dev).eval()
@@ -449,7 +457,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--inception-weights", default=None, metavar="PATH",
                        help=f"torch-fidelity InceptionV3 weights ({INCEPTION_FILE}; default: torch-fidelity's cache "
                             "under $TORCH_HOME/hub/checkpoints)")
-    group.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per Inception batch")
+    group.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="images per Inception batch")
     group.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     group.add_argument("--progress", action="store_true", help="show a progress bar per file")
 

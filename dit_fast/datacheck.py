@@ -77,8 +77,10 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
         samples += [(path, len(classes)) for path in images]
         classes.append(entry.name)
     if not classes:
-        raise UserError(f"data path {str(root)!r} has no class folder with images (expected root/<class>/<image>, "
-                        f"the ImageNet layout; extensions {', '.join(IMAGE_EXTENSIONS)})")
+        folders = [e for e in root.iterdir() if e.is_dir()]
+        what = (f"{len(folders)} folders but no images in them (extensions {', '.join(IMAGE_EXTENSIONS)})" if folders
+                else "no class subfolders")
+        raise UserError(f"data path {str(root)!r} has {what} (expected root/<class>/<image>, the ImageNet layout)")
     return classes, samples, notes
 
 
