@@ -133,14 +133,6 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous = {}
 
-    @staticmethod
-    def ignore(worker_id: int = 0) -> None:
-        """Ignore SIGINT and SIGTERM in this process: the ``worker_init_fn`` of data-loading workers, which a Ctrl-C
-        (sent to the whole process group) or a scheduler's SIGTERM would otherwise kill while the main process
-        finishes its step and saves; the workers still end with the main process."""
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
     def _handle(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt

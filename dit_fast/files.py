@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dit_fast.lifecycle import pause_point
 from dit_fast.validation import UserError, format_bytes
 
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
@@ -195,6 +196,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, direc
         else:
             write(tmp)
         _fsync(tmp)
+        pause_point(f"write {path.name}")  # fault-injection tests: the temporary is complete, not yet renamed
         os.replace(tmp, path)
     except BaseException as e:
         _remove(tmp)

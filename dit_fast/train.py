@@ -63,6 +63,7 @@ from dit_fast.distributed import (
 )
 from dit_fast.files import atomic_save
 from dit_fast.hardware import peak_flops
+from dit_fast.lifecycle import init_worker
 from dit_fast.metrics import evaluate_digits_model
 from dit_fast.model import DiTFast
 from dit_fast.reference import DiT
@@ -343,7 +344,7 @@ class Trainer:
             return
         yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
                                                collate_fn=collate, pin_memory=self.d.device.type == "cuda",
-                                               persistent_workers=False, worker_init_fn=StopSignals.ignore)
+                                               persistent_workers=False, worker_init_fn=init_worker)
 
     def run(self) -> None:
         cfg, d = self.cfg, self.d

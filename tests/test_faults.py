@@ -353,8 +353,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
 
 def test_sigterm_while_sample_writes_its_npz(world, tmp_path):
     proc = _spawn([*SAMPLE, "--ckpt", str(world / "model.pt"), "--out", "s.png", "--npz", "s.npz"], tmp_path,
-                  DIT_FAST_PAUSE_AT="sample:npz")
-    _wait_paused(proc, "sample:npz")
+                  DIT_FAST_PAUSE_AT="write s.npz")
+    _wait_paused(proc, "write s.npz")
     assert any(p.name.startswith(".s.npz.") for p in tmp_path.iterdir())  # the temporary is being written
     proc.send_signal(signal.SIGTERM)
     code, err = _finish(proc)
@@ -374,8 +374,8 @@ def test_sigterm_in_trains_first_seconds_leaves_no_empty_run_folder(tmp_path):
 def test_a_second_writer_is_refused_and_a_dead_ones_temps_are_swept(tmp_path):
     """Writer A pauses inside its checkpoint save; B (--resume auto) is refused naming A; A is killed outright;
     C resumes, sweeping A's temporary."""
-    a = _spawn([*TRAIN, "--results-dir", "r", "--max-steps", "2"], tmp_path, DIT_FAST_PAUSE_AT="checkpoint:write")
-    _wait_paused(a, "checkpoint:write")
+    a = _spawn([*TRAIN, "--results-dir", "r", "--max-steps", "2"], tmp_path, DIT_FAST_PAUSE_AT="write 0000002.pt")
+    _wait_paused(a, "write 0000002.pt")
     ckpts = tmp_path / "r" / "000-DiT-digits" / "checkpoints"
     (temp,) = ckpts.iterdir()
     b = subprocess.run([*CLI, *TRAIN, "--results-dir", "r", "--max-steps", "4", "--resume", "auto"], cwd=tmp_path,
@@ -474,8 +474,8 @@ def small_disk(tmp_path):
 def test_checkpoint_save_on_a_full_disk(small_disk):
     """Training passes its preflight, then the disk fills up before the checkpoint: one line, no traceback."""
     proc = _spawn([*TRAIN, "--results-dir", str(small_disk / "r"), "--max-steps", "2"], small_disk.parent,
-                  DIT_FAST_PAUSE_AT="checkpoint:write")
-    _wait_paused(proc, "checkpoint:write")
+                  DIT_FAST_PAUSE_AT="write 0000002.pt")
+    _wait_paused(proc, "write 0000002.pt")
     filler = small_disk / "filler"
     with open(filler, "wb") as f, pytest.raises(OSError):
         while True:
