@@ -6,14 +6,13 @@ having written nothing (rank 1 of 1 never writes) or ``train`` fail with a TypeE
 either none of the variables (one process) or a consistent set, and otherwise raises ``UserError`` naming each
 variable and its value.
 
-``device_arg`` is the argparse type of ``--device`` (cpu, cuda, cuda:N: dit-fast runs nowhere else; "mps" or
+``device_name`` checks a ``--device`` value (cpu, cuda, cuda:N: dit-fast runs nowhere else; "mps" or
 "meta" used to fail deep inside a model); ``check_memory`` refuses work whose host memory cannot exist
 (``--num-samples 10**12``) before the allocator is asked for it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Mapping
@@ -71,10 +70,10 @@ def read_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(rank, world_size, local_rank)
 
 
-def device_arg(text: str) -> str:
-    """argparse ``type`` of ``--device``: "cpu", "cuda" or "cuda:N"."""
+def device_name(text: str) -> str:
+    """``text`` if it is "cpu", "cuda" or "cuda:N" (the devices dit-fast runs on); ValueError otherwise."""
     if not _DEVICE.match(text.strip()):
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+        raise ValueError(f"must be cpu, cuda or cuda:N, got {text!r}")
     return text.strip()
 
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from dit_fast.datacheck import npz_arrays, open_npy, read_image, read_latent_meta, scan_image_folder
-from dit_fast.environment import DistEnv, check_memory, device_arg, read_dist_env
+from dit_fast.environment import DistEnv, check_memory, device_name, read_dist_env
 from dit_fast.files import DiskFull, atomic_save, atomic_write, preallocate, sweep_stale_temps, temp_path
 from dit_fast.guard import Output, check_outputs, describe_file, image_format
 from dit_fast.lifecycle import Terminated, terminate_as_interrupt, worker_errors, worker_message
@@ -401,12 +401,10 @@ def test_check_finite_names_what():
 
 
 def test_device_names_and_memory():
-    import argparse
-
-    assert device_arg("cuda:1") == "cuda:1" and device_arg("cpu") == "cpu"
+    assert device_name("cuda:1") == "cuda:1" and device_name("cpu") == "cpu"
     for bad in ("mps", "meta", "cuda:x", ""):
-        with pytest.raises(argparse.ArgumentTypeError, match="must be cpu, cuda or cuda:N"):
-            device_arg(bad)
+        with pytest.raises(ValueError, match="must be cpu, cuda or cuda:N"):
+            device_name(bad)
     check_memory(1 << 20, "one MiB")
     with pytest.raises(UserError, match=r"^the samples need about .* of memory, but .* is available"):
         check_memory(10**18, "the samples")
