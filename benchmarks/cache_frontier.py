@@ -3,9 +3,10 @@
 Samples the model (``dit-fast train``'s built-in digits DiT, or any pixel-space digits checkpoint) with every cache
 policy of ``--policies`` under each sampler of ``--samplers`` (default DDPM-250 and DPM-Solver++-20), unguided
 and with guidance ``--cfg-scale`` (default 2.0, all eps channels), ``--samples`` images (default 1,000, the classes
-cycling, one batch, the same seeds for every policy), and scores each run with ``dit_fast.metrics.evaluate_digits``:
-class accuracy (an SVM trained on real digits) and the Fréchet distance to the real digits in PCA features. It
-trains nothing. Written next to ``--out`` (default ``benchmarks/results/cache_frontier``):
+cycling, one batch, the same seeds for every policy), and scores each run with
+``dit_fast.sampling.metrics.evaluate_digits``: class accuracy (an SVM trained on real digits) and the Fréchet distance
+to the real digits in PCA features. It trains nothing. Written next to ``--out`` (default
+``benchmarks/results/cache_frontier``):
 
 - ``OUT.md``: the table (full network evaluations, cached steps, wall time, speed-up over no cache, accuracy and
   Fréchet distance, each against no cache) with the command and machine;
@@ -13,7 +14,7 @@ trains nothing. Written next to ``--out`` (default ``benchmarks/results/cache_fr
 - ``OUT.png``: Fréchet distance and accuracy against the wall-time speed-up, one panel per sampler and guidance
   (needs matplotlib; skipped with a note without it).
 
-Wall time (and the process's CPU time) is one whole ``dit_fast.sample.generate`` call (noise, sampling loop,
+Wall time (and the process's CPU time) is one whole ``dit_fast.sampling.generate.generate`` call (noise, sampling loop,
 network) on ``--threads`` CPU threads (default 1, as the digits recipe trains), the fastest of repeats that add up
 to ``--min-time`` (short runs repeat, so a busy neighbour on a shared machine skews them less); no-cache runs first
 in each group, then the policies in order. A "full evaluation" is one network pass with every block computed (over
@@ -35,8 +36,8 @@ from pathlib import Path
 import torch
 
 from dit_fast.cache import AUTO_MIN_STEPS, AUTO_SPEC, AUTO_SPEC_FEW_STEPS, parse_cache
-from dit_fast.metrics import evaluate_digits
-from dit_fast.sample import generate, load_model
+from dit_fast.sampling.generate import generate, load_model
+from dit_fast.sampling.metrics import evaluate_digits
 
 DEFAULT_POLICIES = ("none", "fora:2", "fora:3", "fora:4", "taylor:4:2", "taylor:6:2", "adaptive:0.15:4",
                     "adaptive:0.2:6")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 2 or args.threads < 1 or args.max_repeats < 1:
         parser.error("--samples must be >= 2, --threads and --max-repeats >= 1")
     torch.set_num_threads(args.threads)
-    model, description = load_model(args.ckpt, model_name=None, image_size=None, num_classes=None, impl=args.impl,
+    model, description = load_model(args.ckpt, model_name=None, num_classes=None, impl=args.impl,
                                     device=torch.device("cpu"))
     if model.config.in_channels != 1 or model.config.input_size != 8:
         raise SystemExit(f"cache_frontier scores 8x8 digits; {args.ckpt} is a {model.config.in_channels}-channel "

@@ -27,7 +27,8 @@ further from the fp32 reference than its dtype allows: the suite checks parity w
   (multiply-add = 1 flop, ``dit_fast.gflops``);
 - ``ceiling_gflops``: the matmul ceiling measured in the same run; ``frac_ceiling`` = gflops / ceiling_gflops;
   on a GPU also ``mfu`` (the same ratio, the usual name there) and, for GPUs with a known datasheet, ``mfu_datasheet``
-  (against NVIDIA's dense bf16/fp16 tensor-core peak from ``dit_fast.hardware``: an upper bound no kernel reaches);
+  (against NVIDIA's dense bf16/fp16 tensor-core peak from ``dit_fast.utils.hardware``: an upper bound no kernel
+  reaches);
 - ``dtype``, ``device``; optionally ``seconds`` (the time of one call, when a benchmark round is not one call, e.g.
   one ``triton.testing.do_bench``; the report then uses it instead of the round's median) and ``gbps`` (achieved
   GB/s of a memory-bound case).
@@ -56,9 +57,9 @@ import torch
 from torch import nn
 
 from benchmarks.report import IMPL_ORDER
-from dit_fast.config import CONFIGS, DiTConfig, get_config, gflops
-from dit_fast.hardware import peak_flops
+from dit_fast.models.config import CONFIGS, DiTConfig, get_config, gflops
 from dit_fast.reference import DiT
+from dit_fast.utils.hardware import peak_flops
 
 # -------------------------------------------------------------------------------------------------- run sizing
 
@@ -313,7 +314,7 @@ def impl_model(impl: str, config_name: str, device: torch.device, dtype: torch.d
         module = copy.deepcopy(reference).to(dtype)
         return ModelImpl(impl, module, config, dtype, "official", module)
     if impl == "dit_fast":
-        model_mod = import_or_skip("dit_fast.model", "the dit_fast implementation")
+        model_mod = import_or_skip("dit_fast.models.dit", "the dit_fast implementation")
         with torch.device(device):
             module = model_mod.DiTFast.from_config(config)  # kernels/attention "auto": the best available here
         module.load_state_dict(reference.state_dict(), strict=True)

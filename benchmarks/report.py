@@ -267,8 +267,8 @@ def traffic_section(traffic: dict[str, Any]) -> list[str]:
     if roofline:
         lines += [
             "", "### Roofline: a PREDICTION from peak numbers, not a measurement", "",
-            "Per forward, at the GPU's peak bandwidth and peak flops (`dit_fast.hardware`): memory-bound lower bound "
-            "= all traced bytes / bandwidth (and the non-GEMM bytes alone); compute bound = GEMM flops / peak; "
+            "Per forward, at the GPU's peak bandwidth and peak flops (`dit_fast.utils.hardware`): memory-bound lower "
+            "bound = all traced bytes / bandwidth (and the non-GEMM bytes alone); compute bound = GEMM flops / peak; "
             "PREDICTION = sum over kernels of max(bytes / bandwidth, flops / peak), launch latency not included.", "",
         ]
         head = ["GPU", "impl", "mode", "memory-bound lower bound", "non-GEMM part", "compute bound",

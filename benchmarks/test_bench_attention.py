@@ -1,6 +1,6 @@
 """Attention backends side by side at DiT's head dims: 64 (DiT-S, B, L) and 72 (DiT-XL).
 
-Group "attention hd<hd>": every backend of ``dit_fast.attention.BACKENDS`` that can run here, on the same qkv
+Group "attention hd<hd>": every backend of ``dit_fast.models.attention.BACKENDS`` that can run here, on the same qkv
 ``(N, T, 3, H, hd)`` (the fused projection's layout, as DiTFast calls them). On a GPU: PyTorch's SDPA kernels forced
 one at a time (``sdpa_flash``, ``sdpa_cudnn``, ``sdpa_efficient``), SDPA with PyTorch's own pick (``sdpa``, what
 the reference model runs), flash-attn and xformers when installed (skipped, with the reason, when not), at
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from benchmarks.common import BenchSettings, kernel_seconds, max_rel_err, parity_tolerance
-from dit_fast import attention as A
+from dit_fast.models import attention as A
 
 HEAD_DIMS = (64, 72)
 GPU_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attn", "xformers")

@@ -30,7 +30,7 @@ from benchmarks.common import (
     run_timed,
     strict_fp32,
 )
-from dit_fast.config import get_config
+from dit_fast.models.config import get_config
 
 CFG_SCALE = 1.5
 CACHE_STEPS = {"cpu": 6, "cuda": 250}
@@ -56,7 +56,7 @@ class CachingCase:
             stats: dict[str, int]) -> torch.Tensor:
         """Sample with ``model`` under ``cache``: -> final latents (B, C, H, W) fp32 (same noise and draws for every
         row: the global seed is reset first)."""
-        sample = import_or_skip("dit_fast.sample", "caching benchmarks")
+        sample = import_or_skip("dit_fast.sampling.generate", "caching benchmarks")
         cfg = get_config(self.config)
         gen = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.batch, cfg.in_channels, *cfg.grid_input, generator=gen).to(device)

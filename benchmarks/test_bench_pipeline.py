@@ -43,7 +43,7 @@ from benchmarks.common import (
     strict_fp32,
     synchronize,
 )
-from dit_fast.config import get_config
+from dit_fast.models.config import get_config
 from dit_fast.reference import DiT
 
 PIPELINE_IMPLS = ("reference", "dit_fast", "dit_fast+compile", "diffusers")
@@ -115,7 +115,7 @@ def pipeline(impl: str, config_name: str, device: torch.device, dtype: torch.dty
         raise ValueError(f"unknown pipeline implementation {impl!r}; known: {', '.join(PIPELINE_IMPLS)}")
     diffusers = import_or_skip("diffusers", "the diffusers pipeline benchmark")
     checkpoints = import_or_skip("dit_fast.checkpoints", "the diffusers pipeline benchmark (weights converter)")
-    accel = import_or_skip("dit_fast.diffusers_pipeline", "the diffusers pipeline benchmark")
+    accel = import_or_skip("dit_fast.sampling.diffusers_pipeline", "the diffusers pipeline benchmark")
     reference = reference_model(config_name, device, seed)
     config = reference.config
     try:

@@ -34,7 +34,7 @@ from benchmarks.common import (
     settings_from_config,
     strict_fp32,
 )
-from dit_fast.config import get_config
+from dit_fast.models.config import get_config
 
 SAMPLERS = ("ddpm", "ddim")
 CFG_SCALE = 1.5

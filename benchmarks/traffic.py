@@ -52,7 +52,7 @@ the CPU trace of DiTFast's fp32 and bf16 modes then shows 12 fewer GELU kernels 
 than such a CUDA trace. Under autocast the CPU path uses ``F.linear`` as CUDA does. Attention kernels differ by device
 too (SDPA's CPU flash kernel against cuDNN / flash / efficient on CUDA); each is one launch either way.
 
-Roofline (``--gpu``, default: the CUDA device when there is one, else H100 and H200 from ``dit_fast.hardware``):
+Roofline (``--gpu``, default: the CUDA device when there is one, else H100 and H200 from ``dit_fast.utils.hardware``):
 with the GPU's peak bandwidth B and peak flops P(dtype), the memory-bound lower bound is bytes / B (all bytes, and
 the non-GEMM part), the compute lower bound is GEMM flops / P, and the **roofline PREDICTION** is the sum over the
 traced kernels of max(bytes_k / B, flops_k / P(dtype_k)): what the forward would take if every kernel ran at the
@@ -381,7 +381,7 @@ def build_model(impl: str, config: Any, device: torch.device, mode: str, attenti
 
     Every implementation gets the same seeded weights (the paper's init; values do not change what is traced).
     """
-    from dit_fast.model import DiTFast
+    from dit_fast.models.dit import DiTFast
     from dit_fast.reference import DiT
 
     if impl not in IMPLS:
@@ -436,11 +436,11 @@ def measure(config: Any, batch: int, device: torch.device, impls: Sequence[str] 
 
 
 def gpu_specs(names: str, device: torch.device) -> list[Any]:
-    """The ``dit_fast.hardware.GPUSpec`` s for ``--gpu``: "auto" (the CUDA device if there is one, else H100 and
+    """The ``dit_fast.utils.hardware.GPUSpec`` s for ``--gpu``: "auto" (the CUDA device if there is one, else H100 and
     H200), "none", or comma-separated names. ValueError for an unknown name."""
     if names == "none":
         return []
-    from dit_fast import hardware
+    from dit_fast.utils import hardware
 
     if names == "auto":
         if device.type == "cuda":
@@ -453,14 +453,15 @@ def gpu_specs(names: str, device: torch.device) -> list[Any]:
     for name in wanted:
         spec = hardware.gpu_spec(name)
         if spec is None:
-            raise ValueError(f"--gpu: no peak numbers for {name!r} in dit_fast.hardware")
+            raise ValueError(f"--gpu: no peak numbers for {name!r} in dit_fast.utils.hardware")
         specs.append(spec)
     return specs
 
 
 def matmul_peaks(spec: Any) -> dict[torch.dtype, float]:
     """A ``GPUSpec`` 's GEMM peaks (TFLOP/s) per operand dtype; fp32 at the TF32 tensor-core peak when
-    ``torch.backends.cuda.matmul.allow_tf32`` is on (as ``dit_fast.hardware.peak_flops`` reads it), else plain FP32."""
+    ``torch.backends.cuda.matmul.allow_tf32`` is on (as ``dit_fast.utils.hardware.peak_flops`` reads it), else plain
+    FP32."""
     peaks = dict(spec.peak_tflops)
     tf32 = getattr(spec, "tf32_tflops", None)
     if torch.backends.cuda.matmul.allow_tf32 and tf32 and torch.float32 in peaks:
@@ -509,8 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{name}: {what}" for name, what in MODES.items()) + " (default all)")
     parser.add_argument("--attention", default="auto", help="DiTFast's attention backend (default auto)")
     parser.add_argument("--gpu", default="auto",
-                        help="roofline PREDICTION for these GPUs (dit_fast.hardware names, comma-separated), 'auto' "
-                             "(the CUDA device, else H100,H200) or 'none'")
+                        help="roofline PREDICTION for these GPUs (dit_fast.utils.hardware names, comma-separated), "
+                             "'auto' (the CUDA device, else H100,H200) or 'none'")
     parser.add_argument("--breakdown", action="store_true", help="also print each trace's top ops by bytes")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON (for benchmarks.report)")
     args = parser.parse_args(argv)
@@ -531,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     if device.type == "cpu" and "dit_fast-triton" in impls and "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its own helpers in interpreter flavour
-    from dit_fast.config import get_config
+    from dit_fast.models.config import get_config
 
     try:
         config = get_config(args.config)
@@ -541,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = gpu_specs(args.gpu, device)
     except ImportError as e:
         specs = []
-        print(f"no roofline: dit_fast.hardware is not importable ({e})")
+        print(f"no roofline: dit_fast.utils.hardware is not importable ({e})")
     except ValueError as e:
         parser.error(str(e))
     traffics = measure(config, args.batch, device, impls, modes, args.attention,

@@ -5,7 +5,7 @@
   ``dit_fast.DiT_models["DiT-XL/2"](...)`` builds one.
 - ``dit_fast.gflops`` / ``dit_fast.param_count``: cost in the paper's convention; ``dit_fast.CONFIGS``: the zoo.
 - ``dit_fast.accelerate(pipe)``: serve a diffusers ``DiTPipeline``'s transformer with DiTFast, same images
-  (``dit_fast.diffusers_pipeline``; diffusers itself is imported only when a pipeline output is built).
+  (``dit_fast.sampling.diffusers_pipeline``; diffusers itself is imported only when a pipeline output is built).
 
 How the modules fit together (layers, one training step, one sampling step): ARCHITECTURE.md at the repository root.
 ``DiTFast``, ``DiT_models`` and ``accelerate`` are imported from their modules on first use, so that
@@ -17,14 +17,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dit_fast.config import CONFIGS, DiTConfig, get_config, gflops, param_count
+from dit_fast.models.config import CONFIGS, DiTConfig, get_config, gflops, param_count
 
 __version__ = "0.1.0"
 
 __all__ = ["CONFIGS", "DiTConfig", "DiTFast", "DiT_models", "accelerate", "get_config", "gflops", "param_count",
            "__version__"]
 
-_LAZY = {"DiTFast": "dit_fast.model", "DiT_models": "dit_fast.model", "accelerate": "dit_fast.diffusers_pipeline"}
+_LAZY = {"DiTFast": "dit_fast.models.dit", "DiT_models": "dit_fast.models.dit",
+         "accelerate": "dit_fast.sampling.diffusers_pipeline"}
 
 
 def __getattr__(name: str) -> Any:

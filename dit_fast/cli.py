@@ -1,12 +1,15 @@
 """The ``dit-fast`` command: one entry point, one subcommand per task.
 
-Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``main(args)``; this file
-only maps names to modules, so adding a command is one line in ``COMMANDS``, and imports only the module of the
-command it runs. ARCHITECTURE.md at the repository root lists where each command's code lives.
+Each subcommand is a module of ``dit_fast.commands`` exposing ``add_arguments(parser)`` and ``main(args)``; this
+file only maps names to modules, so adding a command is one line in ``COMMANDS``, and imports only the module of
+the command it runs. Library code raises exceptions; this is the one place that turns them into messages and exit
+statuses.
 
 Errors, in one place (``main``): a bad option value is a usage error, one line and exit status 2; bad input or an
 environment the user can fix (``ValueError``, ``OSError``, a missing optional package, CUDA out of memory) is one
-line ``dit-fast COMMAND: message`` on stderr and exit status 1; a run stopped by Ctrl-C or SIGTERM exits 130 / 143
+line ``dit-fast COMMAND: message`` on stderr and exit status 1 (an error raised in a data-loading worker: the
+worker's own message); a run stopped by Ctrl-C or SIGTERM exits 130 / 143: every command runs under
+``lifecycle.terminate_as_interrupt``, so SIGTERM unwinds like Ctrl-C and partial outputs are removed on the way
 (training saves a checkpoint first). Anything else is a bug and keeps its traceback; ``--debug`` (before or after
 the command) shows the traceback of every error.
 """
@@ -18,22 +21,20 @@ import importlib
 import sys
 
 from dit_fast import __version__
-from dit_fast.validation import Interrupted
+from dit_fast.utils.lifecycle import Terminated, terminate_as_interrupt, worker_message
+from dit_fast.utils.validation import Interrupted
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("dit_fast.config", "print the model zoo: depth, width, heads, patch, tokens, params, Gflops"),
-    "env": ("dit_fast.env", "print installed attention/kernel backends and what auto picks on this machine"),
-    "train": ("dit_fast.train", "train a DiT (no arguments: a small one on the built-in digits, in minutes on a CPU)"),
-    "sample": ("dit_fast.sample", "sample a trained DiT into a PNG grid and an ADM-evaluator .npz"),
-    "evaluate": ("dit_fast.metrics", "score samples: digits (class accuracy, Frechet distance), or FID/sFID/IS/"
-                                     "precision/recall against an ADM reference batch (--ref)"),
-    "extract-latents": ("dit_fast.vae", "encode an image folder once into memory-mapped VAE latents for training"),
-    "convert": ("dit_fast.checkpoints", "convert checkpoints between official .pt / train.py, dit-fast and diffusers"),
+# name -> one-line help; the command NAME is the module dit_fast.commands.NAME (dashes as underscores).
+COMMANDS: dict[str, str] = {
+    "info": "print the model zoo: depth, width, heads, patch, tokens, params, Gflops",
+    "env": "print installed attention/kernel backends and what auto picks on this machine",
+    "train": "train a DiT (no arguments: a small one on the built-in digits, in minutes on a CPU)",
+    "sample": "sample a trained DiT into a PNG grid and an ADM-evaluator .npz",
+    "evaluate": "score samples: digits (class accuracy, Frechet distance), or FID/sFID/IS/precision/recall against "
+                "an ADM reference batch (--ref)",
+    "extract-latents": "encode an image folder once into memory-mapped VAE latents for training",
+    "convert": "convert checkpoints between official .pt / train.py, dit-fast and diffusers",
 }
-# Commands whose flags are declared in a module without torch: a bad flag is reported at once, before the command's
-# own (heavy) imports.
-ARGUMENTS: dict[str, str] = {"train": "dit_fast.train_config"}
 # Errors the user can act on: bad values, files and folders, missing optional packages.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
@@ -57,20 +58,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     _add_debug(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = importlib.import_module(ARGUMENTS.get(name, module_name))
-            if name not in ARGUMENTS:
-                p.description = (module.__doc__ or help_text).strip().splitlines()[0]
+            module_name = f"dit_fast.commands.{name.replace('-', '_')}"
             _add_debug(p)
-            module.add_arguments(p)
+            importlib.import_module(module_name).add_arguments(p)
             p.set_defaults(_module=module_name)
     return parser
 
 
 def _describe(error: BaseException) -> str:
-    """An error's message; a system OSError as "path: reason"."""
+    """An error's message; a system OSError as "path: reason"; a data-loading worker's error as its own message."""
+    if (message := worker_message(error)) is not None:
+        return f"{message} (in a data-loading worker)"
     if isinstance(error, OSError) and error.strerror and len(error.args) >= 2:
         where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
         return f"{where}: {error.strerror}" if where else error.strerror
@@ -95,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prefix, debug = f"dit-fast {args.command}", getattr(args, "debug", False)
     try:
-        return int(importlib.import_module(args._module).main(args) or 0)
+        with terminate_as_interrupt():
+            return int(importlib.import_module(args._module).main(args) or 0)
+    except Terminated as e:  # SIGTERM outside training's loop: unwound like Ctrl-C, temporaries removed
+        if debug:
+            raise
+        print(f"{prefix}: {e}; partial outputs were removed", file=sys.stderr)
+        return e.exit_code
     except Interrupted as e:  # the run saved its state first
         if debug:
             raise

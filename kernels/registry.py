@@ -1,4 +1,4 @@
-"""The kernel sets a DiTFast forward can use, in one registry (the shape of ``dit_fast.attention``'s).
+"""The kernel sets a DiTFast forward can use, in one registry (the shape of ``dit_fast.models.attention``'s).
 
 A kernel set is the four fused ops a forward calls (``KernelOps``):
 - ``triton``: the public ops of this package: Triton kernels on CUDA; on the CPU their plain-PyTorch reference (the
@@ -60,6 +60,15 @@ def _triton_installed() -> bool:
 def default_kernels() -> str:
     """The kernel-set name used for ``kernels="auto"`` models: ``$DIT_FAST_KERNELS`` or "auto"."""
     return os.environ.get(ENV_VAR, "").strip() or "auto"
+
+
+def check_environment() -> None:
+    """ValueError naming ``$DIT_FAST_KERNELS`` when it holds no registered kernel set's name; the commands call it
+    before any work."""
+    name = default_kernels()
+    if name != "auto" and name not in KERNELS:
+        raise ValueError(f"environment variable {ENV_VAR}={name!r} is not a kernel set; valid names: auto, "
+                         f"{', '.join(KERNELS)}")
 
 
 def check_kernels_name(name: str) -> str:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from dit_fast import adm_eval
-from dit_fast.adm_eval import (
+from dit_fast.sampling import adm_eval
+from dit_fast.sampling.adm_eval import (
     NUM_LOGITS,
     POOL_DIM,
     SPATIAL_DIM,

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from dit_fast import attention as A
+from dit_fast.models import attention as A
 from tests.helpers import assert_close, max_rel_err
 
 CPU_BACKENDS = [name for name, reason in A.available_backends("cpu", torch.float32, 64).items() if reason is None]
@@ -142,7 +142,7 @@ def test_optional_packages_are_not_imported_with_the_core():
     import subprocess
     import sys
 
-    code = ("import sys, dit_fast, dit_fast.model, dit_fast.attention; "
+    code = ("import sys, dit_fast, dit_fast.models.dit, dit_fast.models.attention; "
             "print(sorted(m for m in ('flash_attn', 'xformers', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

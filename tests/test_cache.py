@@ -17,9 +17,9 @@ from dit_fast.cache import (
     step_cache,
 )
 from dit_fast.diffusion import CFGModel
-from dit_fast.model import DiTFast
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
-from dit_fast.sample import generate, sample_batch
+from dit_fast.sampling.generate import generate, sample_batch
 from tests.helpers import max_rel_err, tiny_dit
 
 

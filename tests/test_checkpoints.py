@@ -22,7 +22,7 @@ from dit_fast.checkpoints import (
     to_diffusers_config,
     to_diffusers_state_dict,
 )
-from dit_fast.config import CONFIGS, DiTConfig
+from dit_fast.models.config import CONFIGS, DiTConfig
 from dit_fast.reference import DiT
 from tests.helpers import FIXTURES, assert_close, load_official_fixture
 
@@ -206,7 +206,7 @@ def test_model_cls_class_or_builder(tmp_path):
 
 
 def test_loads_into_dit_fast(tmp_path):
-    from dit_fast.model import DiTFast
+    from dit_fast.models.dit import DiTFast
 
     sd, fx, cfg = _official("odd")
     torch.save(sd, tmp_path / "DiT.pt")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dit_fast.data import (
+from dit_fast.training.data import (
     LATENTS_FILE,
     META_FILE,
     DigitsDataset,
@@ -110,7 +110,8 @@ def test_epoch_order_and_step_sampler_split_global_batches():
 def test_extract_latents_and_memmap_sampling(tmp_path):
     from diffusers.models import AutoencoderKL
 
-    from dit_fast.vae import VAE, extract_latents
+    from dit_fast.models.vae import VAE
+    from dit_fast.training.latents import extract_latents
 
     torch.manual_seed(0)
     tiny = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -155,7 +156,8 @@ def test_extract_latents_and_memmap_sampling(tmp_path):
 def test_extract_latents_unreadable_image_leaves_nothing(tmp_path):
     from diffusers.models import AutoencoderKL
 
-    from dit_fast.vae import VAE, extract_latents
+    from dit_fast.models.vae import VAE
+    from dit_fast.training.latents import extract_latents
 
     AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
                   up_block_types=("UpDecoderBlock2D",), layers_per_block=1, norm_num_groups=8,
@@ -169,7 +171,7 @@ def test_extract_latents_unreadable_image_leaves_nothing(tmp_path):
 
 
 def test_vae_path_errors(tmp_path):
-    from dit_fast.vae import load_autoencoder
+    from dit_fast.models.vae import load_autoencoder
 
     with pytest.raises((FileNotFoundError, ImportError), match="does not exist|diffusers"):
         load_autoencoder(tmp_path / "nope")

@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 from dit_fast.checkpoints import load_checkpoint, save_diffusers, to_diffusers_config
-from dit_fast.config import DiTConfig
+from dit_fast.models.config import DiTConfig
 from dit_fast.reference import DiT
 from tests.helpers import assert_close, max_rel_err
 

@@ -15,8 +15,8 @@ import torch
 
 import dit_fast
 from dit_fast.checkpoints import CheckpointError
-from dit_fast.diffusers_pipeline import DiffusersDiT, broadcast_timesteps
-from dit_fast.model import DiTFast
+from dit_fast.models.dit import DiTFast
+from dit_fast.sampling.diffusers_pipeline import DiffusersDiT, broadcast_timesteps
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
                                 reason="diffusers is not installed (pip install 'dit-fast[diffusers]')")

@@ -23,8 +23,14 @@ import torch
 
 from dit_fast.checkpoints import save_checkpoint
 from dit_fast.cli import main as cli_main
+from dit_fast.commands.arguments import float_arg, int_arg
 from dit_fast.reference import DiT
-from dit_fast.validation import UserError, check_free_space, check_output_dir, check_output_file, float_arg, int_arg
+from dit_fast.utils.validation import (
+    UserError,
+    check_free_space,
+    check_output_dir,
+    check_output_file,
+)
 from tests.helpers import tiny_dit
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -225,7 +231,7 @@ def _signal_training(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedProc
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_training_saves_a_checkpoint(tmp_path, sig, code):
-    from dit_fast.train import list_checkpoints, load_train_checkpoint
+    from dit_fast.training.state import list_checkpoints, load_train_checkpoint
 
     r, results = _signal_training(tmp_path, sig)
     name = signal.Signals(sig).name
@@ -240,23 +246,23 @@ def test_signal_during_training_saves_a_checkpoint(tmp_path, sig, code):
 
 
 def test_keyboard_interrupt_outside_training_is_one_line(monkeypatch, capsys):
-    import dit_fast.metrics
+    import dit_fast.commands.evaluate
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dit_fast.metrics, "main", interrupted)
+    monkeypatch.setattr(dit_fast.commands.evaluate, "main", interrupted)
     assert cli_main(["evaluate", "x.npz"]) == 130
     assert capsys.readouterr().err.strip() == "dit-fast evaluate: interrupted"
 
 
 def test_real_bugs_keep_their_traceback(monkeypatch):
-    import dit_fast.metrics
+    import dit_fast.commands.evaluate
 
     def buggy(args):
         return 1 / 0
 
-    monkeypatch.setattr(dit_fast.metrics, "main", buggy)
+    monkeypatch.setattr(dit_fast.commands.evaluate, "main", buggy)
     with pytest.raises(ZeroDivisionError):
         cli_main(["evaluate", "x.npz"])
 

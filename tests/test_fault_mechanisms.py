@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dit_fast.datacheck import npz_arrays, open_npy, read_image, read_latent_meta, scan_image_folder
-from dit_fast.environment import DistEnv, check_memory, device_name, read_dist_env
-from dit_fast.files import DiskFull, atomic_save, atomic_write, preallocate, sweep_stale_temps, temp_path
-from dit_fast.guard import Output, check_outputs, describe_file, image_format
-from dit_fast.lifecycle import Terminated, terminate_as_interrupt, worker_errors, worker_message
-from dit_fast.runlock import RunLock, discard_if_empty, run_folder_of
-from dit_fast.validation import UserError
+from dit_fast.utils.datacheck import npz_arrays, open_npy, read_image, read_latent_meta, scan_image_folder
+from dit_fast.utils.environment import DistEnv, check_memory, device_name, read_dist_env
+from dit_fast.utils.files import DiskFull, atomic_save, atomic_write, preallocate, sweep_stale_temps, temp_path
+from dit_fast.utils.guard import Output, check_outputs, describe_file, image_format
+from dit_fast.utils.lifecycle import Terminated, terminate_as_interrupt, worker_errors, worker_message
+from dit_fast.utils.runlock import RunLock, discard_if_empty, run_folder_of
+from dit_fast.utils.validation import UserError
 from tests.helpers import ROOT
 
 # ---------------------------------------------------------------------------------------------------- guard
@@ -76,7 +76,7 @@ def test_output_inside_an_input_folder_and_folder_holding_an_input(owned):
     with pytest.raises(UserError, match="lies inside the input --data-path"):
         check_outputs({"--output": Output(owned["data"] / "latents", "folder")}, {"--data-path": owned["data"]})
     with pytest.raises(UserError, match="holds the input --data-path"):
-        check_outputs({"--output": Output(owned["data"].parent, "files")}, {"--data-path": owned["data"]})
+        check_outputs({"--output": Output(owned["data"].parent, "folder")}, {"--data-path": owned["data"]})
 
 
 def test_existing_files_are_replaced_only_when_this_command_wrote_them(owned):
@@ -131,7 +131,7 @@ def test_discard_if_empty(tmp_path):
 def test_run_lock_is_exclusive_across_processes(tmp_path):
     code = textwrap.dedent(f"""
         import sys, time
-        from dit_fast.runlock import RunLock
+        from dit_fast.utils.runlock import RunLock
         lock = RunLock({str(tmp_path)!r}).acquire()
         print("locked", flush=True)
         time.sleep(60)
@@ -322,7 +322,7 @@ def test_workers_end_on_sigterm_and_with_their_parent():
     """A worker stuck after an error still ends: the parent exits at once, with the worker's message."""
     code = textwrap.dedent("""
         import torch
-        from dit_fast.lifecycle import init_worker, worker_errors
+        from dit_fast.utils.lifecycle import init_worker, worker_errors
         class D(torch.utils.data.Dataset):
             def __len__(self): return 64
             def __getitem__(self, i):
@@ -375,7 +375,7 @@ def _tiny_vae(folder: Path, prefix: str = "") -> None:
 
 
 def test_vae_loads_strictly(tmp_path):
-    from dit_fast.modelcheck import load_autoencoder
+    from dit_fast.models.vae import load_autoencoder
 
     _tiny_vae(tmp_path / "good")
     assert load_autoencoder(tmp_path / "good").config.latent_channels == 4
@@ -393,7 +393,7 @@ def test_vae_loads_strictly(tmp_path):
 
 
 def test_check_finite_names_what():
-    from dit_fast.modelcheck import check_finite
+    from dit_fast.models.vae import check_finite
 
     x = torch.tensor([1.0, float("nan"), float("inf")])
     with pytest.raises(UserError, match=r"^the first latents hold non-finite values \(1 NaN, 1 inf of 3\)"):

@@ -1,4 +1,4 @@
-"""dit_fast.hardware: the GPU datasheet table and its lookups."""
+"""dit_fast.utils.hardware: the GPU datasheet table and its lookups."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dit_fast.hardware import GPUS, GPUSpec, gpu_spec, peak_flops
+from dit_fast.utils.hardware import GPUS, GPUSpec, gpu_spec, peak_flops
 
 
 @pytest.mark.parametrize(("device_name", "spec_name"), [

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from dit_fast.cli import main as cli_main
-from dit_fast.data import DigitsDataset
-from dit_fast.metrics import evaluate_digits, feature_statistics, frechet_distance, frechet_distance_features
+from dit_fast.sampling.frechet import feature_statistics, frechet_distance, frechet_distance_features
+from dit_fast.sampling.metrics import evaluate_digits
+from dit_fast.training.data import DigitsDataset
 
 
 def _scipy_frechet(mu1, s1, mu2, s2):

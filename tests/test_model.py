@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dit_fast
-from dit_fast import attention as A
-from dit_fast import model as M
-from dit_fast import onednn as O
 from dit_fast.kernels import registry as R
-from dit_fast.model import DiTFast
+from dit_fast.models import attention as A
+from dit_fast.models import onednn as O
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
 from tests.helpers import assert_close, load_official_fixture, max_rel_err
 
@@ -311,7 +310,7 @@ def test_onednn_linear_gradients(bias):
     w = torch.randn(3, 8, generator=g).requires_grad_(True)
     b = torch.randn(3, generator=g).requires_grad_(True) if bias else None
     grad = torch.randn(2, 5, 3, generator=g)
-    out = M.onednn_linear(x, w, b, False)
+    out = O.onednn_linear(x, w, b, False)
     expected = F.linear(x, w, b)
     close(out, expected, "onednn_linear")
     got = torch.autograd.grad(out, [x, w] + ([b] if bias else []), grad)
@@ -319,7 +318,7 @@ def test_onednn_linear_gradients(bias):
     for name, a, e in zip(("x", "weight", "bias"), got, want, strict=False):
         close(a, e, f"grad {name}")
     with pytest.raises(RuntimeError, match="fused GELU is inference-only"):
-        M.onednn_linear(x, w, b, True).sum().backward()
+        O.onednn_linear(x, w, b, True).sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -413,15 +412,15 @@ def test_bad_backend_names_and_missing_packages(monkeypatch):
 
 def test_kernels_environment_default(monkeypatch):
     monkeypatch.setattr(R, "_warned", set())
-    monkeypatch.setenv(M.KERNELS_ENV_VAR, "triton")
-    assert M.resolve_kernels("auto", "cpu") == ("triton" if R._triton_installed() else "torch")
-    assert M.resolve_kernels("torch", "cpu") == "torch"
-    monkeypatch.setenv(M.KERNELS_ENV_VAR, "bogus")
+    monkeypatch.setenv(R.ENV_VAR, "triton")
+    assert R.resolve_kernels("auto", "cpu") == ("triton" if R._triton_installed() else "torch")
+    assert R.resolve_kernels("torch", "cpu") == "torch"
+    monkeypatch.setenv(R.ENV_VAR, "bogus")
     with pytest.warns(UserWarning, match="DIT_FAST_KERNELS=bogus is not usable"):
-        assert M.resolve_kernels("auto", "cpu") == "torch"
+        assert R.resolve_kernels("auto", "cpu") == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        M.resolve_kernels("auto", "cpu")
+        R.resolve_kernels("auto", "cpu")
 
 
 def test_bad_inputs_raise():

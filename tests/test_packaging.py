@@ -21,6 +21,10 @@ def test_wheel_installs_kernels_under_dit_fast(tmp_path: Path):
     (wheel,) = wheels.glob("dit_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "dit_fast/kernels/__init__.py" in names
+    package = ROOT / "dit_fast"
+    sources = {str(Path(d, f).relative_to(ROOT)) for d, _, fs in os.walk(package, followlinks=True) for f in fs
+               if f.endswith(".py")}
+    assert sources - set(names) == set(), "modules missing from the wheel (pyproject's packages list)"
     assert not any(n.startswith("kernels/") for n in names), "a bare top-level 'kernels' package would clash"
 
     # A fresh venv that sees this interpreter's site-packages (for torch) through a .pth, not the project tree.

@@ -15,7 +15,8 @@ from PIL import Image
 
 from dit_fast.checkpoints import save_checkpoint
 from dit_fast.cli import main as cli_main
-from dit_fast.sample import generate, save_grid, write_npz
+from dit_fast.sampling.generate import generate
+from dit_fast.sampling.outputs import save_grid, write_npz
 from tests.helpers import tiny_dit
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -10,9 +10,10 @@ import torch
 
 from dit_fast.checkpoints import save_checkpoint
 from dit_fast.cli import main as cli_main
-from dit_fast.model import CUDAGraphRunner, DiTFast
+from dit_fast.models.cuda_graph import CUDAGraphRunner
+from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
-from dit_fast.sample import generate, sample_batch, sampling_network
+from dit_fast.sampling.generate import generate, sample_batch, sampling_network
 from tests.helpers import max_rel_err, tiny_dit
 
 CUDA = torch.cuda.is_available()

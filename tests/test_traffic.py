@@ -13,7 +13,7 @@ from torch import nn
 
 from benchmarks import report, traffic
 from benchmarks.traffic import DispatchTrace, Traffic, tensor_bytes
-from dit_fast.config import DiTConfig, gflops
+from dit_fast.models.config import DiTConfig, gflops
 
 # Tiny but complete: 16 tokens, 2 blocks, 2 heads of 32, odd class count.
 TINY = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=7)
@@ -184,7 +184,7 @@ def test_gathers_read_only_the_rows_they_fetch():
 
 
 def test_gpu_specs_come_from_dit_fast_hardware():
-    from dit_fast import hardware
+    from dit_fast.utils import hardware
 
     cpu = torch.device("cpu")
     specs = traffic.gpu_specs("auto", cpu)  # no CUDA device: the H100 and the H200

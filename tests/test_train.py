@@ -21,9 +21,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from dit_fast.cli import main as cli_main
-from dit_fast.config import DiTConfig
-from dit_fast.distributed import compile_and_shard
-from dit_fast.train import atomic_save, build_model, list_checkpoints, load_train_checkpoint, resolve_resume
+from dit_fast.models.config import DiTConfig
+from dit_fast.training.state import list_checkpoints, load_train_checkpoint, resolve_resume
+from dit_fast.training.trainer import build_model
+from dit_fast.utils.distributed import compile_and_shard
+from dit_fast.utils.files import atomic_save
 from tests.helpers import assert_close, perturb_
 
 TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--impl", "reference", "--no-eval",
@@ -243,7 +245,8 @@ def test_train_on_latents_and_on_images_with_online_vae(tmp_path):
     from diffusers.models import AutoencoderKL
     from PIL import Image
 
-    from dit_fast.vae import VAE, extract_latents
+    from dit_fast.models.vae import VAE
+    from dit_fast.training.latents import extract_latents
 
     AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
@@ -268,7 +271,7 @@ def test_train_config_is_filled_by_the_cli_and_presets_by_the_recipes():
     from dataclasses import fields
 
     from dit_fast.cli import build_parser
-    from dit_fast.train import DIGITS_RECIPE, OFFICIAL_RECIPE, TrainConfig, resolve_recipe
+    from dit_fast.training.config import DIGITS_RECIPE, OFFICIAL_RECIPE, TrainConfig
 
     args = build_parser("train").parse_args(["train", "--lr", "3e-4", "--no-ema-warmup", "--fsdp", "--max-steps", "5"])
     cfg = TrainConfig.from_args(args)
@@ -280,4 +283,4 @@ def test_train_config_is_filled_by_the_cli_and_presets_by_the_recipes():
     official = TrainConfig(data_path="latents/").resolved()
     assert {k: getattr(official, k) for k in OFFICIAL_RECIPE} == OFFICIAL_RECIPE
     assert TrainConfig(data_path="latents/", epochs=2).resolved().max_steps is None  # --epochs is the budget
-    assert resolve_recipe(args)["lr"] == 3e-4
+    assert TrainConfig.from_args(args).resolved().lr == 3e-4

@@ -1,7 +1,6 @@
 """Classifier-free guidance (Ho & Salimans 2022): one implementation, used by every model and sampler.
 
-``guided_forward(forward, x, t, y, cfg_scale, ...)`` (defined with the model, ``dit_fast.reference``, re-exported
-here) is the official DiT ``forward_with_cfg`` for any network
+``guided_forward(forward, x, t, y, cfg_scale, ...)`` is the official DiT ``forward_with_cfg`` for any network
 ``forward(x, t, y)``: the batch is ``[cond; uncond]`` (labels ``[y; null]``), both halves read the first half of x,
 and the result is, for both halves,
 
@@ -28,13 +27,76 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
 
-from dit_fast.reference import GuideChannels, check_interval, guided_forward, num_guided_channels
+GuideChannels = int | Literal["all"]
 
-__all__ = ["CFGModel", "GuideChannels", "check_interval", "guided_forward", "num_guided_channels"]
+
+def num_guided_channels(guide_channels: GuideChannels, in_channels: int) -> int:
+    """How many leading output channels are guided for inputs with ``in_channels`` (eps) channels."""
+    if guide_channels == "all":
+        return in_channels
+    if isinstance(guide_channels, int) and not isinstance(guide_channels, bool) and guide_channels >= 1:
+        return min(guide_channels, in_channels)
+    raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
+
+
+def check_interval(interval: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``interval`` as a pair of ints (or None); ValueError unless ``0 <= lo <= hi``."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"interval must be (lo, hi) with 0 <= lo <= hi, got {interval!r}") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"interval must be (lo, hi) with 0 <= lo <= hi, got {interval!r}")
+    return lo, hi
+
+
+def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                   cfg_scale: float, guide_channels: GuideChannels = 3, in_channels: int | None = None,
+                   interval: tuple[int, int] | None = None) -> torch.Tensor:
+    """Classifier-free guidance in one batched forward (the official ``forward_with_cfg``, extended).
+
+    Args:
+        forward: the network, ``forward(x (2N, C, ...), t (2N,), y (2N,)) -> (2N, C_out, ...)``.
+        x: (2N, C, ...); only the first half is read (it is fed to both halves).
+        t: (2N,) original timesteps; y: (2N,) labels, the real ones then the null class.
+        cfg_scale: guidance scale.
+        guide_channels: 3 (official), "all" (every eps channel) or any positive int k.
+        in_channels: the eps channels (default: x's channels); never more than these are guided.
+        interval: optional inclusive range (lo, hi) of original timesteps where guidance applies; elsewhere the
+            conditional output is returned.
+
+    Returns:
+        (2N, C_out, ...): the guided eps channels, then the conditional pass's other channels, for both halves.
+        The guidance is computed in fp32 at least and returned in the network's output dtype.
+    """
+    if x.shape[0] % 2:
+        raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]}")
+    k = num_guided_channels(guide_channels, x.shape[1] if in_channels is None else in_channels)
+    interval = check_interval(interval)
+    n = x.shape[0] // 2
+    half = x[:n]
+    model_out = forward(torch.cat([half, half], dim=0), t, y)  # (2N, C_out, ...)
+    if model_out.shape[0] != 2 * n or model_out.shape[1] < k:
+        raise ValueError(f"guidance: the model returned {tuple(model_out.shape)} for a batch of {2 * n}; expected "
+                         f"(2N, >= {k}, ...)")
+    eps, rest = model_out[:, :k], model_out[:, k:]
+    cond_eps, uncond_eps = torch.split(eps, n, dim=0)  # (N, k, ...) each
+    compute = torch.promote_types(eps.dtype, torch.float32)
+    half_eps = uncond_eps.to(compute) + cfg_scale * (cond_eps.to(compute) - uncond_eps.to(compute))
+    half_eps = half_eps.to(eps.dtype)
+    if interval is not None:
+        active = (t[:n] >= interval[0]) & (t[:n] <= interval[1])  # (N,)
+        half_eps = torch.where(active.view(n, *([1] * (eps.ndim - 1))), half_eps, cond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
 
 class CFGModel(nn.Module):
     """Classifier-free guided view of a class-conditional model, on un-doubled inputs.

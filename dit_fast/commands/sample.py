@@ -1,0 +1,262 @@
+"""``dit-fast sample``: sample a trained DiT into a PNG grid and, with ``--npz``, an ADM-evaluator ``.npz``.
+
+Loads any checkpoint ``dit_fast.checkpoints`` reads (dit-fast training ``.pt`` or safetensors, official ``.pt``
+such as ``DiT-XL-2-256x256.pt``, diffusers folders). Latent models are decoded with a LOCAL VAE folder (``--vae``).
+ImageNet classes are given by id (0..999; e.g. 207 golden retriever, 360 otter, 387 lesser panda, 974 geyser,
+88 macaw, 979 valley, 417 balloon, 279 arctic fox): no class-name table is shipped. For FID-50K, shard across
+processes (rank r samples its contiguous slice; rank 0 merges the slices into one ``.npz`` with ``arr_0``
+(N, H, W, 3) uint8 and ``labels`` (N,)):
+
+    torchrun --nproc_per_node 8 -m dit_fast.cli sample --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema \\
+        --num-samples 50000 --cfg-scale 1.5 --npz samples.npz
+
+The sampling itself (seeding, samplers, guidance, caching, CUDA graphs) is ``dit_fast.sampling.generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dit_fast.cache import CACHE_SPEC_HELP, CachePolicy, parse_cache
+from dit_fast.checkpoints import check_finite_weights
+from dit_fast.commands.arguments import argument_type, float_arg, int_arg, non_negative_int, positive_int
+from dit_fast.kernels.registry import check_environment as check_kernels_environment
+from dit_fast.models.attention import check_environment as check_attention_environment
+from dit_fast.models.config import DiTConfig
+from dit_fast.models.vae import VAE
+from dit_fast.reference import check_labels
+from dit_fast.sampling.generate import DIFFUSION_STEPS, SAMPLERS, generate, load_model
+from dit_fast.sampling.outputs import save_grid, to_uint8, write_npz
+from dit_fast.utils.distributed import Dist, barrier, cleanup, setup_distributed
+from dit_fast.utils.environment import check_memory, device_name
+from dit_fast.utils.files import sweep_stale_temps
+from dit_fast.utils.guard import Output, check_outputs, image_format
+from dit_fast.utils.validation import SEED_MAX, UserError, check_free_space, check_output_file
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint: a dit-fast training .pt or safetensors folder/file, an official .pt, or a "
+                             "diffusers DiT folder")
+    parser.add_argument("--model", default=None, help="zoo name (e.g. DiT-XL/2), for files that store no config")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="pixel side the model makes: checked against the checkpoint (latent side x the VAE's 8)")
+    parser.add_argument("--num-classes", type=positive_int, default=None, help="for files that store no config")
+    parser.add_argument("--vae", default=None, help="LOCAL diffusers AutoencoderKL folder (needed for latent models)")
+    parser.add_argument("--class-labels", type=non_negative_int, nargs="+", default=None,
+                        help="class ids to sample, cycled over --num-samples (default: uniformly random classes)")
+    parser.add_argument("--num-samples", type=positive_int, default=None,
+                        help="images in total (default: the number of --class-labels, else 16)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
+    parser.add_argument("--cfg-scale", type=float_arg(1.0), default=4.0,
+                        help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--guide-channels", default="3", choices=["3", "all"],
+                        help="3: the official (channels 0..2 of 4); all: every eps channel")
+    parser.add_argument("--guidance-interval", type=non_negative_int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="apply guidance only at original timesteps LO..HI (e.g. 0 700)")
+    parser.add_argument("--seed", type=int_arg(0, SEED_MAX), default=0, help=f"0..{SEED_MAX}")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward batch, per process")
+    parser.add_argument("--out", default="sample.png",
+                        help="grid image of the first --grid-images samples; .png, .jpg or .webp (the suffix picks "
+                             "the format)")
+    parser.add_argument("--grid-images", type=positive_int, default=64)
+    parser.add_argument("--npz", default=None, help="also write all samples as an ADM-evaluator .npz")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing files at --out / --npz even when they are not images / sample .npz "
+                             "files this command wrote")
+    parser.add_argument("--device", type=argument_type(device_name), default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network autocast dtype")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="CUDA only, DiTFast only: capture the network once per batch shape as a CUDA graph and "
+                             "replay it every step")
+    parser.add_argument("--cache", type=_cache_spec, default="none", metavar="SPEC",
+                        help="training-free step caching (dit_fast.cache): " + CACHE_SPEC_HELP)
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--impl", choices=["fast", "reference"], default=None,
+                        help="DiTFast or the plain reference model (default: fast)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _cache_spec(text: str) -> str:
+    """argparse type of ``--cache``: the spec, checked at parse time ("auto" is resolved once the steps are known)."""
+    try:
+        parse_cache(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def check_options(args: argparse.Namespace) -> CachePolicy | None:
+    """Reject option combinations that cannot work, before any process starts; returns the cache policy."""
+    check_attention_environment()
+    check_kernels_environment()
+    check_outputs({"--out": Output(args.out, "image"), "--npz": Output(args.npz, "npz") if args.npz else None},
+                  {"--ckpt": args.ckpt, "--vae": args.vae}, overwrite=args.overwrite)
+    image_format(args.out)
+    check_output_file(args.out, "--out", example="sample.png")
+    if args.npz:
+        check_output_file(args.npz, "--npz", example="samples.npz")
+    if args.guidance_interval:
+        lo, hi = args.guidance_interval
+        if lo > hi or hi >= DIFFUSION_STEPS:
+            raise UserError(f"--guidance-interval {lo} {hi}: the model's diffusion has timesteps "
+                            f"0..{DIFFUSION_STEPS - 1}; give 0 <= LO <= HI within them (outside, guidance would never "
+                            "apply)")
+    cache = parse_cache(args.cache, args.num_sampling_steps)
+    if cache is not None and (args.compile or args.cuda_graph):
+        raise UserError(f"--cache {args.cache} runs the blocks eagerly (it decides each step in Python): drop "
+                        f"--{'compile' if args.compile else 'cuda-graph'}, or sample without a cache")
+    if args.cuda_graph and (args.impl or "fast") != "fast":
+        raise UserError("--cuda-graph needs the DiTFast implementation (--impl fast)")
+    return cache
+
+
+def start_processes(args: argparse.Namespace) -> Dist:
+    """Join the torchrun process group (or run alone) on ``--device``."""
+    try:
+        d = setup_distributed(args.device)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    if args.cuda_graph and d.device.type != "cuda":
+        cleanup(d)
+        raise UserError(f"--cuda-graph needs a CUDA device, sampling runs on {d.device}")
+    if args.threads is not None and d.device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    return d
+
+
+
+
+def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, VAE | None, str]:
+    """The DiT (finite weights checked, compiled on request), the VAE of a latent model, the model's description."""
+    model, description = load_model(args.ckpt, model_name=args.model, num_classes=args.num_classes,
+                                    impl=args.impl or "fast", device=d.device)
+    check_finite_weights(model.state_dict(), args.ckpt)
+    vae = None
+    if model.config.in_channels == 4:
+        if args.vae is None:
+            raise UserError("this is a latent model (4 channels): pass --vae, a local AutoencoderKL folder "
+                            "(e.g. stabilityai/sd-vae-ft-ema downloaded with huggingface-cli)")
+        vae = VAE(args.vae, device=d.device)
+    side = model.config.grid_input[0] * (vae.downsample if vae is not None else 1)
+    if args.image_size is not None and args.image_size != side:
+        space = "latents decoded by the VAE" if vae is not None else "pixel space"
+        raise UserError(f"--image-size {args.image_size} does not match the checkpoint, which makes {side}x{side} "
+                        f"images ({space}); drop --image-size or pass {side}")
+    if args.compile:
+        model.compile()
+    return model, vae, description
+
+
+def preflight(args: argparse.Namespace, config: DiTConfig, vae: VAE | None, d: Dist) -> None:
+    """Before sampling: this process's samples fit in memory, the grid (uncompressed, an upper bound) and the
+    ``.npz`` (with, across processes, the shards it is merged from) fit on their disks."""
+    n = args.num_samples or (len(args.class_labels) if args.class_labels else 16)
+    per_rank = math.ceil(n / d.world_size)
+    h, w = (side * (vae.downsample if vae is not None else 1) for side in config.grid_input)
+    latent = config.in_channels * config.grid_input[0] * config.grid_input[1] * 4
+    check_memory(per_rank * (latent + 2 * h * w * 3) + n * 8, f"--num-samples {n}: the samples")
+    scale = max(1, math.ceil(64 / max(h, w)))
+    check_free_space(Path(args.out).parent, min(n, args.grid_images) * h * w * 3 * scale * scale,
+                     f"--out {args.out} (a grid of {min(n, args.grid_images)} images of {h}x{w})")
+    if args.npz:
+        check_free_space(Path(args.npz).parent, n * h * w * 3 * (2 if d.enabled else 1),
+                         f"--npz {args.npz} ({n} images of {h}x{w})")
+
+
+def class_labels(args: argparse.Namespace, num_classes: int) -> torch.Tensor:
+    """The (N,) class ids: ``--class-labels`` cycled over ``--num-samples``, else uniformly random (seeded)."""
+    n = args.num_samples or (len(args.class_labels) if args.class_labels else 16)
+    if args.class_labels:
+        labels = torch.tensor(args.class_labels, dtype=torch.long).repeat(math.ceil(n / len(args.class_labels)))[:n]
+    else:
+        labels = torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
+    check_labels(labels, num_classes, what="class ids")
+    return labels
+
+
+def sample_images(args: argparse.Namespace, model: torch.nn.Module, vae: VAE | None, labels: torch.Tensor,
+                  cache: CachePolicy | None, d: Dist) -> np.ndarray:
+    """This process's slice of the samples as (n_rank, H, W, 3) uint8 (decoded by the VAE for latent models)."""
+    per_rank = math.ceil(len(labels) / d.world_size)
+    lo, hi = min(len(labels), d.rank * per_rank), min(len(labels), (d.rank + 1) * per_rank)
+    cache_stats: dict[str, int] = {}
+    z = generate(model, labels[lo:hi], sampler=args.sampler, num_steps=args.num_sampling_steps,
+                 cfg_scale=args.cfg_scale, guide_channels="all" if args.guide_channels == "all" else 3,
+                 interval=tuple(args.guidance_interval) if args.guidance_interval else None, seed=args.seed,
+                 first_index=lo, batch_size=args.batch_size, device=d.device,
+                 dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, clip_denoised=vae is None,
+                 progress=d.is_main and not args.no_progress, cache=cache, cuda_graph=args.cuda_graph,
+                 cache_stats=cache_stats)
+    if cache is not None and d.is_main:
+        print(f"cache {cache.spec}: {cache_stats.get('full_steps', 0)} full network evaluations, "
+              f"{cache_stats.get('cached_steps', 0)} cached (this process)", flush=True)
+    if vae is not None:
+        z = torch.cat([vae.decode(z[i: i + args.batch_size]).cpu() for i in range(0, len(z), args.batch_size)])
+    images = to_uint8(z)  # (n_rank, H, W, C)
+    return images.repeat(3, axis=-1) if images.shape[-1] == 1 else images  # the ADM evaluator expects RGB
+
+
+def _shard_path(args: argparse.Namespace, rank: int) -> Path:
+    return Path(args.npz or args.out).resolve().parent / f".sample-shard-{rank:05d}-{os.getppid()}.npy"
+
+
+def write_outputs(args: argparse.Namespace, images: np.ndarray, labels: torch.Tensor, d: Dist) -> None:
+    """Rank 0 writes the PNG grid and the ``.npz`` of every process's samples (merged from per-rank shards)."""
+    shards: list[Any] = [images]
+    if d.enabled:
+        shards = [_shard_path(args, r) for r in range(d.world_size)]
+    first = np.concatenate([np.load(s, mmap_mode="r")[: args.grid_images] if not isinstance(s, np.ndarray)
+                            else s[: args.grid_images] for s in shards])[: args.grid_images]
+    save_grid(first, args.out, nrow=max(1, int(math.sqrt(len(first)))))
+    print(f"wrote {args.out} ({len(first)} images)")
+    if args.npz:
+        write_npz(args.npz, shards, labels.numpy())
+        print(f"wrote {args.npz} (arr_0 ({len(labels)}, {images.shape[1]}, {images.shape[2]}, 3) uint8, labels)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Sample a trained DiT into a grid image (and an ADM .npz), sharded across torchrun processes."""
+    cache = check_options(args)
+    d = start_processes(args)
+    if d.is_main:  # the temporaries of a killed run writing these outputs
+        for path in (args.out, args.npz):
+            if path:
+                sweep_stale_temps(path)
+    shard_path = None
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        model, vae, description = load_networks(args, d)
+        preflight(args, model.config, vae, d)
+        labels = class_labels(args, model.config.num_classes)
+        n = len(labels)
+        if d.is_main:
+            print(f"{description}\nsampling {n} images ({args.sampler}-{args.num_sampling_steps}, cfg "
+                  f"{args.cfg_scale}, guide {args.guide_channels}, cache {cache.spec if cache else 'none'}"
+                  f"{', CUDA graphs' if args.cuda_graph else ''}) on {d.world_size} process(es)", flush=True)
+        images = sample_images(args, model, vae, labels, cache, d)
+        if d.enabled:
+            shard_path = _shard_path(args, d.rank)
+            shard_path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(shard_path, images)
+            barrier(d)
+        if d.is_main:
+            write_outputs(args, images, labels, d)
+        barrier(d)
+    finally:
+        if shard_path is not None:
+            with contextlib.suppress(OSError):
+                shard_path.unlink()
+        cleanup(d)
+    return 0

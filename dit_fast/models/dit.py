@@ -1,0 +1,410 @@
+"""DiTFast: the reference DiT computed with fused kernels, a pluggable attention backend and fast inference paths.
+
+Same constructor, methods, module tree and state dict as ``dit_fast.reference.DiT`` (the official keys, so an official
+checkpoint loads with ``strict=True`` both ways), same init (even the same random draws for the same seed), same
+function. What differs is how a forward is computed (D hidden, T tokens, N batch):
+
+    tokens = patchify(x) @ W_patch^T + b + pos_embed        # the conv as one GEMM on the conv weight, viewed
+    c      = t_mlp(timestep_embedding(t)) + table[y]         # (N, D), fp32
+    mods   = silu(c) @ [W_ada_0 ... W_ada_{L-1}]             # every block's adaLN in one batched GEMM (inference)
+    block i:
+        x, h = gated_residual_modulated_layer_norm(x, gate_mlp[i-1], mlp_out[i-1], shift_msa[i], scale_msa[i])
+        x, h = gated_residual_modulated_layer_norm(x, gate_msa[i], attn(h), shift_mlp[i], scale_mlp[i])
+        mlp_out[i] = mlp(h)                                  # its residual is added at the next boundary
+    final: _, h = gated_residual_modulated_layer_norm(x, gate_mlp[L-1], mlp_out[L-1], shift, scale)
+           out  = unpatchify(h @ W_final^T + b)
+
+so each block boundary is one pass over the residual stream (the MLP residual of block i fused with the norm of
+block i+1's attention branch), and qkv is viewed as (N, T, 3, H, hd) for the attention backend with no copy.
+
+Backends: ``kernels="auto" | "triton" | "torch"`` (the ``dit_fast.kernels`` ops, which run Triton on CUDA, or their
+plain-PyTorch ``_ref`` twins, which ``torch.compile`` fuses on the CPU; default ``$DIT_FAST_KERNELS``, else Triton
+on CUDA and torch elsewhere) and ``attention=`` any name of ``dit_fast.models.attention.BACKENDS`` or "auto".
+
+Precision: the conditioning (timestep MLP, c) is computed in fp32 whatever the weights' dtype, and ``silu(c)`` is cast
+once to the dtype the adaLN linears compute in; the fused norms compute in fp32 internally; the residual stream keeps
+the embedded tokens' dtype (bf16 with bf16 weights, fp32 under autocast, as in the reference). Under autocast the
+fused ops take the fp32 stream with the bf16/fp16 modulation and branch outputs as they come and return the branch
+input in the modulation's dtype, so no cast kernel runs around them; the batched adaLN weight is cached in the
+autocast dtype.
+
+Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
+weight. With gradients, each block computes its own adaLN from its own parameters (no cross-block parameter access,
+so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). On the CPU the linears run
+through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.models.onednn``); on
+CUDA, without gradients, fc1's bias and GELU run in cuBLASLt's GEMM epilogue (``dit_fast.kernels.linear_gelu``). The
+kernel sets come from ``dit_fast.kernels.registry``; ARCHITECTURE.md at the repository root places the model among
+the other layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dit_fast import kernels as K
+from dit_fast import reference
+from dit_fast.diffusion.guidance import guided_forward
+from dit_fast.kernels.registry import KERNELS, KernelOps, require_kernels, resolve_kernels
+from dit_fast.models.attention import attention, require_backend
+from dit_fast.models.onednn import fused_linear
+from dit_fast.reference import DiT, model_constructors, timestep_embedding
+
+
+def _autocasting(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type)
+
+
+def _adaln(linear: torch.nn.Linear, silu_c: torch.Tensor) -> torch.Tensor:
+    """One adaLN output ``linear(silu(c))``: (N, D) -> (N, k*D); ``silu_c`` goes in as autocast or the weight wants."""
+    return linear(silu_c if _autocasting(silu_c.device.type) else silu_c.to(linear.weight.dtype))
+
+
+class PatchEmbed(reference.PatchEmbed):
+    """(N, C, H, W) -> (N, T, D): patchify, then one GEMM with the conv weight viewed as (D, C*p*p) (no copy).
+
+    Keeps the official ``proj`` Conv2d so the state dict and the init are the reference's.
+    """
+
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        weight = self.proj.weight  # (D, C, p, p)
+        patches = ops.patchify(x, self.patch_size)  # (N, T, C*p*p), each vector in (C, p, p) order
+        if not _autocasting(x.device.type):
+            patches = patches.to(weight.dtype)
+        return F.linear(patches, weight.flatten(1), self.proj.bias)  # (N, T, D)
+
+
+class TimestepEmbedder(reference.TimestepEmbedder):
+    """Timesteps (N,) -> (N, D) in fp32: 256 sinusoidal frequencies, then Linear, SiLU, Linear (weights upcast)."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)  # (N, 256)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        with torch.autocast(t.device.type, enabled=False):
+            h = F.silu(F.linear(t_freq, fc1.weight.float(), fc1.bias.float()))  # (N, D)
+            return F.linear(h, fc2.weight.float(), fc2.bias.float())  # (N, D)
+
+
+class Attention(reference.Attention):
+    """Self-attention: one fused qkv projection viewed as (N, T, 3, H, hd), a registry backend, the projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = fused_linear(x, self.qkv).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, T, 3, H, hd), a view
+        out = attention(qkv, self.backend)  # (N, T, H, hd)
+        return fused_linear(out.flatten(2), self.proj)  # (N, T, D)
+
+
+class Mlp(reference.Mlp):
+    """The reference MLP (same parameters) with fc1's bias + GELU in the GEMM epilogue where no gradient is needed:
+    cuBLASLt's (``dit_fast.kernels.linear_gelu``) on CUDA, oneDNN's (``fused_linear``) on the CPU.
+
+    With gradients fc1 is a linear (bias still in the epilogue) plus a GELU: autograd keeps the pre-activation for
+    the GELU's backward, cheaper than recomputing it with a second GEMM (what ``linear_gelu``'s backward does).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1 = self.fc1
+        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)):
+            h = K.linear_gelu(x, fc1.weight, fc1.bias)  # (N, T, 4D)
+        else:
+            h = fused_linear(x, fc1, gelu=True)  # (N, T, 4D)
+        return fused_linear(h, self.fc2)  # (N, T, D)
+
+
+class DiTFastBlock(reference.DiTBlock):
+    """A DiT block whose residual boundaries are fused ops; the reference block's modules and parameter names.
+
+    ``forward`` starts by adding the previous block's pending MLP residual (fused with this block's first norm) and
+    ends with its own MLP output un-added, so every boundary is one pass. A block needs only its own parameters
+    (FSDP can wrap each block, checkpointing can recompute each block).
+    """
+
+    attention_cls = Attention
+    mlp_cls = Mlp
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6):
+        super().__init__(hidden_size, num_heads, mlp_ratio, mlp_norm_eps)
+        self.kernels = "auto"
+
+    def forward(self, x: torch.Tensor, silu_c: torch.Tensor, gate: torch.Tensor | None = None,
+                branch: torch.Tensor | None = None, mod: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One block.
+
+        Args:
+            x: (N, T, D) residual stream, without the previous block's MLP residual.
+            silu_c: (N, D) ``silu(c)``, the conditioning after the adaLN's SiLU.
+            gate, branch: (N, D) and (N, T, D), the previous block's ``gate_mlp`` and MLP output (None for block 0).
+            mod: (N, 6D) this block's adaLN output when precomputed (the batched GEMM), else None.
+
+        Returns:
+            ``(x, gate_mlp, mlp_out)``: (N, T, D) stream after the attention residual, (N, D), (N, T, D).
+        """
+        ops = KERNELS[resolve_kernels(self.kernels, x.device.type)]
+        if mod is None:
+            mod = _adaln(self.adaLN_modulation[1], silu_c)  # (N, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        if branch is None:
+            h = ops.modulated_layer_norm(x, shift_msa, scale_msa, self.norm1.eps)  # (N, T, D)
+        else:
+            x, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift_msa, scale_msa, self.norm1.eps)
+        x, h = ops.gated_residual_modulated_layer_norm(x, gate_msa, self.attn(h), shift_mlp, scale_mlp,
+                                                       self.norm2.eps)
+        return x, gate_mlp, self.mlp(h)
+
+    def forward_from_branches(self, x: torch.Tensor, silu_c: torch.Tensor, gate: torch.Tensor | None = None,
+                              branch: torch.Tensor | None = None, mod: torch.Tensor | None = None, *,
+                              attn_out: torch.Tensor, mlp_out: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` with the attention and MLP outputs given, (N, T, D) each (step caching, ``dit_fast.cache``):
+        no norm, attention or MLP runs, only the adaLN gates and the pending and attention residuals."""
+        if mod is None:
+            mod = _adaln(self.adaLN_modulation[1], silu_c)  # (N, 6D)
+        _, _, gate_msa, _, _, gate_mlp = mod.chunk(6, dim=1)  # gate_mlp stays in the modulation's dtype, as forward's
+        if branch is not None:
+            x = torch.addcmul(x, gate.to(x.dtype).unsqueeze(1), branch.to(x.dtype))  # (N, T, D)
+        return torch.addcmul(x, gate_msa.to(x.dtype).unsqueeze(1), attn_out.to(x.dtype)), gate_mlp, mlp_out
+
+
+class FinalLayer(reference.FinalLayer):
+    """The last block's MLP residual fused with the final adaLN LayerNorm, then Linear(D, p*p*out)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, silu_c: torch.Tensor,
+                ops: KernelOps) -> torch.Tensor:
+        """x (N, T, D) stream, gate (N, D) / branch (N, T, D) the last block's pending MLP residual,
+        silu_c (N, D) -> (N, T, p*p*out) tokens, each vector in (p, p, out) order."""
+        mod = _adaln(self.adaLN_modulation[1], silu_c)  # (N, 2D)
+        shift, scale = mod.chunk(2, dim=1)
+        _, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift, scale, self.norm_final.eps)
+        return fused_linear(h, self.linear)
+
+
+class DiTFast(DiT):
+    """Drop-in fast DiT: the reference ``DiT`` constructor (plus keyword-only backends), methods and state dict.
+
+    Args (beyond the reference's):
+        kernels: "auto", "triton" or "torch" (see the module docstring).
+        attention: "auto" or a ``dit_fast.models.attention.BACKENDS`` name ("flash_attn", "sdpa", "math", ...).
+        gradient_checkpointing: recompute each block in the backward (also settable as an attribute).
+
+    Precision: run in fp32 (on CUDA, TF32 matmuls are the user's switch: ``torch.backends.cuda.matmul.allow_tf32 =
+    True``), in bf16/fp16 (``model.to(torch.bfloat16)``) or under ``torch.autocast``; conditioning and norm
+    statistics stay in fp32.
+
+    Fast paths: inference (no grad) computes every block's adaLN in one batched GEMM with a cached stacked weight;
+    ``forward_with_cfg`` embeds the shared latent half once; ``compile()`` compiles the repeated block once
+    (regional) or the whole model; ``cuda_graph()`` captures a fixed-shape forward for sampling loops.
+    """
+
+    patch_embed_cls = PatchEmbed
+    timestep_embedder_cls = TimestepEmbedder
+    block_cls = DiTFastBlock
+    final_layer_cls = FinalLayer
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        *,
+        numerics: str = "official",
+        kernels: str = "auto",
+        attention: str = "auto",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__(
+            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
+            num_classes, learn_sigma, numerics=numerics,
+        )
+        self.gradient_checkpointing = gradient_checkpointing
+        self._modulation_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
+        self._capturing = False  # set by cuda_graph(): its warm-up and capture take the graph-safe path
+        self.kernels = "auto"
+        self.attention = "auto"
+        self.set_kernels(kernels)
+        self.set_attention_backend(attention)
+
+    def set_kernels(self, name: str) -> None:
+        """Use the "auto", "triton" or "torch" fused ops from now on (ImportError for triton when not installed)."""
+        self.kernels = require_kernels(name)
+        for block in self.blocks:
+            block.kernels = name
+
+    def set_attention_backend(self, name: str) -> None:
+        """Use attention backend ``name`` ("auto" or a registry name) from now on; a missing package raises."""
+        self.attention = require_backend(name)
+        for block in self.blocks:
+            block.attn.backend = name
+
+    def _ops(self, x: torch.Tensor) -> KernelOps:
+        return KERNELS[resolve_kernels(self.kernels, x.device.type)]
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*c) tokens, each in (p, p, c) order -> (N, c, H, W) images."""
+        return self._ops(x).unpatchify(x, self.patch_size, self.out_channels, self.config.grid_size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) latents, t (N,) timesteps in 0..999, y (N,) labels -> (N, out_channels, H, W)."""
+        self.check_inputs(x, t, y)
+        return self._denoise(self._embed(x), t, y)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
+        """Classifier-free guidance in one batched forward, with the official semantics (see the reference).
+
+        The batch is ``[cond; uncond]`` and both halves read the first half of ``x``, so its patch embedding is
+        computed once and shared; the transformer runs on the whole batch (the labels differ).
+        """
+        self.check_inputs(x, t, y)
+
+        def forward_on_duplicated_half(combined: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            tokens = self._embed(combined[: combined.shape[0] // 2])  # (N/2, T, D), identical for both halves
+            return self._denoise(torch.cat([tokens, tokens], dim=0), t, y)
+
+        return guided_forward(forward_on_duplicated_half, x, t, y, cfg_scale, guide_channels, self.in_channels,
+                              interval)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, H, W) -> tokens with positions (N, T, D)."""
+        return self.x_embedder(x, self._ops(x)) + self.pos_embed
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Tokens (N, T, D), timesteps (N,), labels (N,) -> model output (N, out_channels, H, W)."""
+        c = self.t_embedder(t) + self.y_embedder(y, self.training).float()  # (N, D), fp32
+        silu_c = F.silu(c).to(self._adaln_dtype(x))  # (N, D), cast once for every block's adaLN
+        mods = self._batched_modulation(silu_c)  # (depth, N, 6D) or None
+        gate = branch = None
+        for i, block in enumerate(self.blocks):
+            mod = None if mods is None else mods[i]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, gate, branch = checkpoint(block, x, silu_c, gate, branch, mod, use_reentrant=False)
+            else:
+                x, gate, branch = block(x, silu_c, gate, branch, mod)  # (N, T, D), (N, D), (N, T, D)
+        ops = self._ops(x)
+        out = self.final_layer(x, gate, branch, silu_c, ops)  # (N, T, p*p*out)
+        return ops.unpatchify(out, self.patch_size, self.out_channels, self.config.grid_size)  # (N, out, H, W)
+
+    def _adaln_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the adaLN linears compute in: autocast's when it is on, else their weights'."""
+        if _autocasting(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.final_layer.adaLN_modulation[1].weight.dtype
+
+    def _batched_modulation(self, silu_c: torch.Tensor) -> torch.Tensor | None:
+        """Every block's adaLN output, (depth, N, 6D), in one batched GEMM; None where blocks must compute their own.
+
+        Only for inference: with gradients each block computes its own modulation (so FSDP can shard per block and
+        the weight gradients need no scatter), and under compilation or CUDA-graph capture too (the stacked weight
+        is a cache keyed on the parameters' storage and version counters, which neither can check). The cache is
+        rebuilt whenever a parameter is replaced or modified in place (optimizer step, EMA update, load_state_dict),
+        and held in ``silu_c``'s dtype (autocast's under autocast), so no forward casts the stacked weight.
+        """
+        if (self._capturing or torch.compiler.is_compiling()
+                or (silu_c.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        linears = [block.adaLN_modulation[1] for block in self.blocks if isinstance(block, DiTFastBlock)]
+        if len(linears) != len(self.blocks) or len(linears) == 0:
+            return None  # blocks wrapped (FSDP, ...) own their parameters
+        params = [p for linear in linears for p in (linear.weight, linear.bias)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        if any(type(p.data) is not torch.Tensor for p in params):
+            return None  # sharded or otherwise wrapped parameters (DTensor, ...)
+        key = (silu_c.dtype, *((p.data_ptr(), p._version) for p in params))
+        if self._modulation_cache is None or self._modulation_cache[0] != key:
+            with torch.no_grad():
+                weight = torch.stack([linear.weight for linear in linears]).to(silu_c.dtype)  # (depth, 6D, D)
+                bias = torch.stack([linear.bias for linear in linears]).unsqueeze(1).to(silu_c.dtype)  # (depth, 1, 6D)
+            self._modulation_cache = (key, weight, bias)
+        _, weight, bias = self._modulation_cache
+        depth, n = weight.shape[0], silu_c.shape[0]
+        return torch.baddbmm(bias, silu_c.expand(depth, n, -1), weight.transpose(1, 2))  # (depth, N, 6D)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DiTFast:
+        self._modulation_cache = None  # .to() / .half() / .cuda(): rebuilt on the next inference forward
+        return super()._apply(fn, recurse)
+
+    def compile(self, *, regional: bool = True, mode: str | None = None, fullgraph: bool = True,
+                dynamic: bool | None = False, **kwargs: Any) -> DiTFast:
+        """Compile in place with ``torch.compile`` and return self.
+
+        ``regional=True`` compiles the repeated block once (every block shares its graphs: fast to compile, the
+        rest stays eager); ``regional=False`` compiles the whole forward. ``mode="reduce-overhead"`` adds CUDA
+        graphs (fixed-shape sampling loops on CUDA; best with ``regional=False``), ``"max-autotune"`` tunes GEMMs.
+        Other ``kwargs`` go to ``torch.compile``.
+        """
+        if regional:
+            for block in self.blocks:
+                block.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+        else:
+            super().compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def cuda_graph(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | None = None,
+                   warmup: int = 2, guide_channels: int | str = 3, interval: tuple[int, int] | None = None
+                   ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Capture one inference forward (or ``forward_with_cfg`` when ``cfg_scale`` is given, with
+        ``guide_channels`` and ``interval``) as a CUDA graph.
+
+        Returns ``run(x, t, y)``, which copies its inputs (same shapes, dtypes and device as the examples) into the
+        graph's static inputs, replays it and returns the static output (overwritten by the next call: clone it to
+        keep it). For fixed-shape sampling loops, where per-kernel launch overhead dominates. Weights are read in
+        place, so in-place updates (EMA) are seen; replacing parameter tensors needs a new capture. The warm-up
+        runs the very path that is captured (each block's own adaLN, not the batched GEMM whose stacked weight is
+        a snapshot). An active autocast context is captured with the graph.
+        """
+        if not x.is_cuda:
+            raise ValueError(f"cuda_graph needs CUDA tensors, got x on {x.device}")
+        self.check_inputs(x, t, y)
+        static = [x.clone(), t.clone(), y.clone()]
+
+        def call() -> torch.Tensor:
+            if cfg_scale is None:
+                return self(*static)
+            return self.forward_with_cfg(*static, cfg_scale, guide_channels, interval)
+
+        self._capturing = True
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):  # resolve backends, autotune and allocate outside the capture
+                    call()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = call()
+        finally:
+            self._capturing = False
+
+        def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            for dst, src in zip(static, (x, t, y), strict=True):
+                if src.shape != dst.shape or src.dtype != dst.dtype:
+                    raise ValueError(f"captured for shape {tuple(dst.shape)} {dst.dtype}, got {tuple(src.shape)} "
+                                     f"{src.dtype}")
+                dst.copy_(src)
+            graph.replay()
+            return static_out
+
+        return run
+
+
+
+
+DiT_models: dict[str, Callable[..., DiTFast]] = model_constructors(DiTFast)

@@ -1,0 +1,195 @@
+"""Sampling a trained DiT: seeded initial noise, one guided sampler run per batch, NaN/inf detection.
+
+``generate(model, labels, ...)`` seeds sample i's initial noise from (seed, i) (``initial_noise``), wraps the
+network in ``diffusion.CFGModel`` (and, on request, a ``models.cuda_graph.CUDAGraphRunner`` or a
+``cache.StepCache``), and runs one of the samplers of ``create_diffusion`` per batch: DDPM (the paper's, 250
+respaced steps), DDIM or DPM-Solver++(2M). With a deterministic sampler (ddim with eta 0, dpm++) a sample does not
+depend on the batch size or the number of processes; the DDPM sampler's per-step noise comes from each batch's
+generator state (seed, first index of the batch). ``dit-fast sample`` (``dit_fast.commands.sample``) is the
+command around it; ``dit_fast.sampling.outputs`` writes the PNG grid and the ADM-evaluator ``.npz``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dit_fast.cache import CachePolicy, parse_cache, step_cache
+from dit_fast.checkpoints import load_checkpoint
+from dit_fast.diffusion import CFGModel, create_diffusion
+from dit_fast.models.cuda_graph import CUDAGraphRunner
+from dit_fast.models.dit import DiTFast
+from dit_fast.reference import check_labels
+from dit_fast.training.data import mix_seed
+
+DIFFUSION_STEPS = 1000  # the diffusion DiT models are trained with (official and ours): timesteps 0..999
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def initial_noise(seed: int, indices: range, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """x_T for the samples ``indices``: (len(indices), *shape), each from its own generator seeded (seed, i)."""
+    out = torch.empty((len(indices), *shape))
+    for row, i in enumerate(indices):
+        out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, i)))
+    return out.to(device)
+
+
+class NonFiniteMonitor:
+    """Wraps a sampling model ``(x, t, y) -> out`` and records the first call whose output holds NaN or inf.
+
+    The record stays on the device (no host sync per step); ``first_bad()`` reads it once: None, or
+    ``(call, timestep)`` with ``call`` counted from 1 (a sampling step, for samplers that call the model once per
+    step) and ``timestep`` the (first) timestep of that call. ``model`` may be set later (``sample_batch`` sets it
+    to the guided network it builds).
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor] | None = None):
+        self.model = model
+        self._calls: torch.Tensor | None = None  # () int64 on the device: calls so far
+        self._first: torch.Tensor | None = None  # (2,) int64: call, timestep; -1 until a non-finite output
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.model(x, t, y)
+        if self._first is None:
+            self._calls = torch.zeros((), dtype=torch.int64, device=out.device)
+            self._first = torch.full((2,), -1, dtype=torch.int64, device=out.device)
+        self._calls += 1
+        bad = (self._first[0] < 0) & ~torch.isfinite(out).all()
+        here = torch.stack([self._calls, t.reshape(-1)[0].to(device=out.device, dtype=torch.int64)])
+        self._first = torch.where(bad, here, self._first)
+        return out
+
+    def first_bad(self) -> tuple[int, int] | None:
+        if self._first is None:
+            return None
+        call, timestep = (int(v) for v in self._first.tolist())
+        return None if call < 0 else (call, timestep)
+
+
+def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels: torch.Tensor, *,
+                 sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
+                 guide_channels: int | str = 3, interval: tuple[int, int] | None = None, null_class: int,
+                 clip_denoised: bool = False, diffusion_steps: int = DIFFUSION_STEPS, progress: bool = False,
+                 dtype: torch.dtype = torch.float32, cache: str | CachePolicy | None = None,
+                 cache_stats: dict[str, int] | None = None, monitor: NonFiniteMonitor | None = None
+                 ) -> torch.Tensor:
+    """Run one sampler from ``noise`` (N, C, H, W) for ``labels`` (N,): -> samples (N, C, H, W) float32.
+
+    ``model(x, t, y)`` is the network (a DiT, a ``CUDAGraphRunner`` or any callable). Guidance (``cfg_scale`` > 1)
+    runs through ``dit_fast.diffusion.CFGModel``: one doubled pass per step, through the model's own
+    ``forward_with_cfg`` when it has one. The network runs under autocast in ``dtype`` when that is not fp32; the
+    sampler's arithmetic stays fp32. ``cache`` is a step-caching policy (``dit_fast.cache``; needs a DiT module);
+    ``cache_stats``, when given, has its "full_steps" and "cached_steps" counts increased by this run's.
+    ``monitor`` (a ``NonFiniteMonitor``) watches the guided network's outputs.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    guided = CFGModel(model, cfg_scale, null_class, guide_channels=guide_channels, interval=interval)
+    device = noise.device
+    autocast = dtype != torch.float32
+
+    def network(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return guided(x, t, y).float()
+
+    call: Callable[..., torch.Tensor] = network
+    if monitor is not None:
+        monitor.model = network
+        call = monitor
+    kwargs = {"noise": noise, "clip_denoised": clip_denoised, "model_kwargs": {"y": labels}, "device": device,
+              "progress": progress}
+    shape = tuple(noise.shape)
+    with step_cache(model, cache, num_steps) as session:
+        if sampler == "ddpm":
+            out = create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).p_sample_loop(
+                call, shape, **kwargs)
+        elif sampler == "ddim":
+            out = create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).ddim_sample_loop(
+                call, shape, **kwargs)
+        else:
+            out = create_diffusion("", diffusion_steps=diffusion_steps).dpm_solver_sample_loop(
+                call, shape, num_steps=num_steps, **kwargs)
+    if session is not None and cache_stats is not None:
+        cache_stats["full_steps"] = cache_stats.get("full_steps", 0) + session.full_steps
+        cache_stats["cached_steps"] = cache_stats.get("cached_steps", 0) + session.cached_steps
+    return out
+
+
+def sampling_network(model: torch.nn.Module, device: torch.device, *, cuda_graph: bool = False,
+                     cache: CachePolicy | None = None) -> Callable[..., torch.Tensor]:
+    """What the samplers call: ``model`` itself, or with ``cuda_graph`` a ``CUDAGraphRunner`` over it (CUDA and
+    DiTFast only, never with a step cache, whose decisions are taken in Python); ValueError/TypeError otherwise."""
+    if not cuda_graph:
+        return model
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
+    if cache is not None:
+        raise ValueError("cuda_graph and a step cache exclude each other: the cache decides each step in Python "
+                         "(sample with one or the other)")
+    return CUDAGraphRunner(model)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "ddpm", num_steps: int = 250,
+             cfg_scale: float = 1.0, guide_channels: int | str = 3, interval: tuple[int, int] | None = None,
+             seed: int = 0, first_index: int = 0, batch_size: int = 32, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, clip_denoised: bool = False, progress: bool = True,
+             cache: str | CachePolicy | None = None, cuda_graph: bool = False,
+             cache_stats: dict[str, int] | None = None) -> torch.Tensor:
+    """Sample a DiT for every label: labels (N,) -> (N, C, H, W) float32 in the model's space (pixels or scaled
+    latents), on the CPU. Sample k is global sample ``first_index + k`` for seeding (see the module docstring).
+
+    ``dtype`` bf16 runs the network under autocast (the sampler's arithmetic stays fp32). ``clip_denoised``
+    clips each x_0 prediction to [-1, 1]: right for pixel-space models; latent models are not clipped (as the
+    official sample_ddp.py). ``cache``: a step-caching policy or spec (``dit_fast.cache``; "none" or None: off,
+    bit-identical), fresh for every batch. ``cuda_graph``: on CUDA, run a DiTFast through CUDA graphs captured
+    once per batch shape and replayed every step (not with a cache, whose decisions are taken in Python).
+    """
+    cfg = model.config
+    labels = labels.to(torch.long)
+    check_labels(labels, cfg.num_classes, what="class ids")
+    if cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
+        raise ValueError("this model was trained without label dropout (no null class): guidance needs cfg_scale 1")
+    device = torch.device(device)
+    cache = parse_cache(cache, num_steps)
+    network = sampling_network(model, device, cuda_graph=cuda_graph, cache=cache)
+
+    shape = (cfg.in_channels, *cfg.grid_input)
+    out = []
+    starts = range(0, len(labels), batch_size)
+    for start in tqdm(starts, desc="sample", disable=not progress or len(starts) == 1):
+        idx = range(first_index + start, first_index + min(start + batch_size, len(labels)))
+        torch.manual_seed(mix_seed(seed, idx.start, 1))  # DDPM's per-step noise
+        monitor = NonFiniteMonitor()
+        z = sample_batch(network, initial_noise(seed, idx, shape, device), labels[start: start + len(idx)].to(device),
+                         sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, guide_channels=guide_channels,
+                         interval=interval, null_class=cfg.num_classes, clip_denoised=clip_denoised,
+                         progress=progress and len(starts) == 1, dtype=dtype, cache=cache, cache_stats=cache_stats,
+                         monitor=monitor)
+        bad = monitor.first_bad()
+        if bad is not None or not bool(torch.isfinite(z).all()):
+            where = (f"the model's output first did at sampling step {bad[0]} of {num_steps} (timestep {bad[1]})"
+                     if bad is not None else "the model's outputs were finite, the sampler's arithmetic overflowed")
+            raise ValueError(f"samples {idx.start}..{idx.stop - 1} hold NaN or inf: {where}; check the weights, the "
+                             "dtype and the guidance scale")
+        out.append(z.float().cpu())
+    return torch.cat(out) if out else torch.empty((0, *shape))
+def load_model(ckpt: str, *, model_name: str | None, num_classes: int | None, impl: str, device: torch.device
+               ) -> tuple[torch.nn.Module, str]:
+    """Load any supported checkpoint (eval mode) on ``device``; returns the model and a one-line description.
+
+    ``--model``/``--num-classes`` only fill what the file does not store; where it stores them and they differ, the
+    checkpoint loader's error says so. (The image size is read from the weights, and checked by the caller against
+    ``--image-size`` once it knows whether the model works in pixels or in a VAE's latents.)
+    """
+    options: dict[str, Any] = {}
+    if model_name is not None:
+        options["model_name"] = model_name
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    result = load_checkpoint(ckpt, model_cls=DiTFast if impl == "fast" else None, device=device, **options)
+    return result.model, result.summary().splitlines()[0] + f"; numerics {result.numerics}"
