@@ -291,7 +291,7 @@ def test_resume_without_optimizer_state(world, capsys, tmp_path):
 
 @pytest.mark.parametrize(("argv", "code", "pattern"), [
     (["--guidance-interval", "1500", "1600"], 1, r"--guidance-interval 1500 1600: the model's diffusion has "
-                                                 r"timesteps 0\.\.999"),
+                                                 r"timesteps 0\.\.999; outside them guidance would never apply"),
     (["--image-size", "64"], 1, r"--image-size 64 does not match the checkpoint, which makes 8x8 images"),
     (["--seed", str(2**32)], 2, r"argument --seed: must be an integer in \[0, 4294967295\]"),
     (["--class-labels"], 2, r"argument --class-labels: expected at least one argument"),

@@ -109,10 +109,11 @@ def check_options(args: argparse.Namespace) -> CachePolicy | None:
         check_output_file(args.npz, "--npz", example="samples.npz")
     if args.guidance_interval:
         lo, hi = args.guidance_interval
-        if lo > hi or hi >= DIFFUSION_STEPS:
+        if lo > hi:
+            raise UserError(f"--guidance-interval {lo} {hi}: LO must be <= HI")
+        if hi >= DIFFUSION_STEPS:
             raise UserError(f"--guidance-interval {lo} {hi}: the model's diffusion has timesteps "
-                            f"0..{DIFFUSION_STEPS - 1}; give 0 <= LO <= HI within them (outside, guidance would never "
-                            "apply)")
+                            f"0..{DIFFUSION_STEPS - 1}; outside them guidance would never apply")
     cache = parse_cache(args.cache, args.num_sampling_steps)
     if cache is not None and (args.compile or args.cuda_graph):
         raise UserError(f"--cache {args.cache} runs the blocks eagerly (it decides each step in Python): drop "
