@@ -185,7 +185,7 @@ class Trainer:
         self.diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg.diffusion_steps)
         self.step, self.epoch, self.index, self.saved_step = 0, 0, 0, None
         self.resumed: dict[str, Any] | None = None
-        self.log, self.exp_dir, self.lock = RunLog(None), None, None
+        self.log, self.exp_dir, self.lock, self.created = RunLog(None), None, None, False
         self.notes = list(getattr(self.dataset, "notes", []))  # logged once the folder exists
         if (found := find_resume(cfg.resume, cfg.results_dir, self.config, d)) is not None:
             self.resumed, path = found
@@ -213,6 +213,7 @@ class Trainer:
             name = cfg.model or ("DiT-digits" if cfg.data_path is None else "DiT-XL/2")
             path = new_experiment_dir(cfg.results_dir, name) if d.is_main else None
             self.exp_dir = Path(broadcast_object(None if path is None else str(path), d))
+            self.created = True
         if d.is_main:
             self.lock = RunLock(self.exp_dir).acquire()
             remove_partial_files(self.exp_dir / "checkpoints")
@@ -365,7 +366,7 @@ class Trainer:
             pause_point("train:setup")  # fault-injection tests: the folder exists, no checkpoint yet
             self._train()
         except BaseException:
-            if self.d.is_main and self.exp_dir is not None and discard_if_empty(self.exp_dir):
+            if self.d.is_main and self.created and discard_if_empty(self.exp_dir):
                 self.exp_dir = None
             raise
         finally:
