@@ -53,11 +53,14 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if cfg.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    trainer = None
     try:
         trainer = Trainer(requested, d)
         trainer.run()
         if cfg.data_path is None and cfg.eval and d.is_main:
             evaluate_digits_run(trainer)
     finally:
+        if trainer is not None:
+            trainer.close()
         cleanup(d)
     return 0

@@ -369,9 +369,11 @@ class Trainer:
             if self.d.is_main and self.created and discard_if_empty(self.exp_dir):
                 self.exp_dir = None
             raise
-        finally:
-            if self.lock is not None:
-                self.lock.release()
+
+    def close(self) -> None:
+        """Release the run folder (the lock is held from ``run`` until here: the evaluation writes there too)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _train(self) -> None:
         cfg, d = self.cfg, self.d
