@@ -1,39 +1,26 @@
 """Training-free step caching for DiT sampling: skip most of the network on steps whose features barely change.
 
-Neighbouring sampling steps call the network on nearly the same input, so each block's attention and MLP branch
-outputs change slowly from step to step. A cache policy decides, per network call ("step"), whether to compute
-every branch ("full step") or to reuse / forecast them from earlier full steps ("cached step"); on a cached step a
-block does only its cheap parts (adaLN modulation from the current timestep, norms, gated residuals), so the
-attention and MLP GEMMs, the bulk of the work, are skipped. Policies (``parse_cache`` spells them):
+A cache policy decides, per network call ("step"), whether to compute every block's attention and MLP branch
+("full step") or to reuse / forecast their outputs from earlier full steps ("cached step", which runs only the adaLN
+modulation, norms and gated residuals). Policies (``parse_cache`` spells them):
 
-- ``FixedInterval(n)``, ``"fora:N"`` (FORA, Selvaraju et al. 2024): a full step every N steps, the branch outputs
-  reused unchanged in between.
-- ``TaylorForecast(n, order)``, ``"taylor:N:O"`` (TaylorSeer, Liu et al. 2025): a full step every N steps; in
-  between each branch output is forecast by a Taylor expansion of order O (1 or 2) in the step count whose
-  derivatives are finite differences of the last O + 1 full steps (in Newton's backward-difference form, so the
-  forecast is exact for features that are polynomials of order O in the step; lower orders until enough full
-  steps exist).
-- ``Adaptive(threshold, max_reuse)``, ``"adaptive:T[:M]"`` (TeaCache / first-block cache, Liu et al. 2024): the
-  probe is the first block's attention input (the timestep-modulated normalised tokens, computed on every step
-  anyway); a full step runs when its mean absolute relative change since the last full step reaches T, or after
-  M cached steps in a row; otherwise branch outputs are reused. Reading the change costs one device sync a step.
-- ``"auto"``: the setting measured best on the built-in digits model (``benchmarks/results/cache_frontier.md``),
-  the largest saving with no visible quality loss: ``AUTO_SPEC`` ("taylor:4:2") for samplers of at least
-  ``AUTO_MIN_STEPS`` network calls (DDPM-250, DDIM-50), ``AUTO_SPEC_FEW_STEPS`` ("adaptive:0.15:4") for fewer
-  (DPM-Solver++-20), where every step moves further and fixed reuse costs quality.
+- ``FixedPeriod(n)``, ``"fora:N"`` (FORA): a full step every N steps, the branch outputs reused in between;
+- ``TaylorForecast(n, order)``, ``"taylor:N:O"`` (TaylorSeer): a full step every N steps, the outputs forecast in
+  between by an order-O Taylor expansion from finite differences of the last full steps;
+- ``Adaptive(threshold, max_reuse)``, ``"adaptive:T[:M]"`` (TeaCache): a full step when the first block's
+  modulated input moved by T since the last full step, or after M cached steps;
+- ``"auto"``: the setting measured best (``AUTO_SPEC`` for samplers of at least ``AUTO_MIN_STEPS`` calls,
+  ``AUTO_SPEC_FEW_STEPS`` for fewer).
 
-Use ``step_cache(model, policy)`` around one sampling run of a ``DiT`` or ``DiTFast``; it works with every sampler
-(DDPM, DDIM, DPM-Solver++), any batch size, and classifier-free guidance through ``forward_with_cfg``: the cached
-features are kept per batch row, so the conditional and unconditional halves each reuse their own. When the batch
-layout changes (a guidance interval switching the unconditional half on or off) the cache starts over with a full
-step. Without a policy (``None`` / ``"none"``) nothing is installed and results are bit-identical to no cache::
+``step_cache(model, policy)`` installs a ``StepCache`` on a ``DiT`` or ``DiTFast`` for one sampling run, with any
+sampler, batch size and classifier-free guidance::
 
     with step_cache(model, "fora:3") as cache:
         z = diffusion.p_sample_loop(CFGModel(model, 2.0, null_class), shape, ...)
     print(cache.full_steps, cache.cached_steps)
 
-The adaptive policy decides for the whole batch (the mean change over all rows), so with it a sample can depend on
-the other samples of its batch; the fixed-schedule policies keep samples independent of each other.
+docs/caching.md explains the policies, guidance and batch behaviour; the measurements are in
+benchmarks/results/cache_frontier.md.
 """
 
 from __future__ import annotations
@@ -52,7 +39,7 @@ __all__ = [
     "AUTO_SPEC_FEW_STEPS",
     "Adaptive",
     "CachePolicy",
-    "FixedInterval",
+    "FixedPeriod",
     "StepCache",
     "TaylorForecast",
     "parse_cache",
@@ -84,32 +71,32 @@ class CachePolicy:
         raise NotImplementedError
 
 
-def _check_interval(interval: int) -> None:
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"cache interval must be an integer >= 1 (steps from one full step to the next), "
-                         f"got {interval!r}")
+def _check_period(period: int) -> None:
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"cache period must be an integer >= 1 (steps from one full step to the next), "
+                         f"got {period!r}")
 
 
 @dataclass(frozen=True)
-class FixedInterval(CachePolicy):
-    """FORA: a full step every ``interval`` steps, branch outputs reused in between (``interval=1``: no caching)."""
+class FixedPeriod(CachePolicy):
+    """FORA: a full step every ``period`` steps, branch outputs reused in between (``period=1``: no caching)."""
 
-    interval: int
+    period: int
 
     def __post_init__(self) -> None:
-        _check_interval(self.interval)
+        _check_period(self.period)
 
     def should_compute(self, since_full: int, change: float | None) -> bool:
-        return since_full >= self.interval
+        return since_full >= self.period
 
     @property
     def spec(self) -> str:
-        return f"fora:{self.interval}"
+        return f"fora:{self.period}"
 
 
 @dataclass(frozen=True)
-class TaylorForecast(FixedInterval):
-    """TaylorSeer: ``FixedInterval``'s full steps; in between, each branch output is forecast by a Taylor expansion of
+class TaylorForecast(FixedPeriod):
+    """TaylorSeer: ``FixedPeriod``'s full steps; in between, each branch output is forecast by a Taylor expansion of
     ``order`` (1 or 2) in the step count, from finite differences of the last full steps."""
 
     order: int = 1
@@ -121,7 +108,7 @@ class TaylorForecast(FixedInterval):
 
     @property
     def spec(self) -> str:
-        return f"taylor:{self.interval}:{self.order}"
+        return f"taylor:{self.period}:{self.order}"
 
 
 @dataclass(frozen=True)
@@ -187,10 +174,10 @@ def parse_cache(spec: str | CachePolicy | None, num_steps: int | None = None) ->
         raise ValueError(f"cache spec {spec!r}: {name} takes {lo if lo == hi else f'{lo} or {hi}'} "
                          f"colon-separated values")
     if name == "fora":
-        return FixedInterval(number(args[0], int, "the interval N"))
+        return FixedPeriod(number(args[0], int, "the period N"))
     if name == "taylor":
         order = number(args[1], int, "the order O") if len(args) > 1 else 1
-        return TaylorForecast(number(args[0], int, "the interval N"), order)
+        return TaylorForecast(number(args[0], int, "the period N"), order)
     max_reuse = number(args[1], int, "max cached steps M") if len(args) > 1 else Adaptive.max_reuse
     return Adaptive(number(args[0], float, "the threshold T"), max_reuse)
 
@@ -353,11 +340,6 @@ class StepCache:
             out.add_(terms[2], alpha=k * (k + self._gap) / 2)
         return out.to(self._dtypes[index])
 
-    def summary(self) -> str:
-        """One line: the policy, full and cached steps."""
-        steps = self.full_steps + self.cached_steps
-        return (f"cache {self.policy.spec}: {self.full_steps} full of {steps} steps "
-                f"({self.cached_steps} cached)")
 
 
 @contextlib.contextmanager

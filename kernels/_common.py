@@ -23,12 +23,7 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-
-try:  # torch >= 2.6
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # torch 2.5 has them under their private names
-    from torch._library.triton import capture_triton as wrap_triton
-    from torch._library.triton import triton_op
+from torch.library import triton_op, wrap_triton
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 tl: Any = None  # triton.language, the name the kernels' bodies use

@@ -31,7 +31,6 @@ from .patchify import patchify, patchify_ref
 from .unpatchify import unpatchify, unpatchify_ref
 
 ENV_VAR = "DIT_FAST_KERNELS"
-KERNELS_ENV_VAR = ENV_VAR
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dit_fast.cache import (
     AUTO_SPEC,
     AUTO_SPEC_FEW_STEPS,
     Adaptive,
-    FixedInterval,
+    FixedPeriod,
     StepCache,
     TaylorForecast,
     parse_cache,
@@ -150,12 +150,12 @@ def test_parse_cache():
     assert parse_cache("none") is None and parse_cache(None) is None
     assert parse_cache("auto") == parse_cache("auto", 250) == parse_cache(AUTO_SPEC)
     assert parse_cache("auto", 20) == parse_cache(AUTO_SPEC_FEW_STEPS)
-    assert parse_cache("fora:3") == FixedInterval(3)
+    assert parse_cache("fora:3") == FixedPeriod(3)
     assert parse_cache("taylor:4:2") == TaylorForecast(4, 2)
     assert parse_cache("taylor:4") == TaylorForecast(4, 1)
     assert parse_cache("adaptive:0.05") == Adaptive(0.05)
     assert parse_cache("adaptive:0.05:6") == Adaptive(0.05, 6)
-    for policy in (FixedInterval(3), TaylorForecast(4, 2), Adaptive(0.05, 6)):
+    for policy in (FixedPeriod(3), TaylorForecast(4, 2), Adaptive(0.05, 6)):
         assert parse_cache(policy.spec) == policy
     for bad, message in (("fora", "takes 1"), ("fora:x", "integer"), ("fora:0", ">= 1"), ("taylor:4:3", "order"),
                          ("adaptive:-1", ">= 0"), ("lru:3", "unknown cache policy"), ("fora:1:2:3", "takes")):

@@ -101,7 +101,7 @@ def test_generate_selects_the_graph_path_and_guards_it():
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--cache", "fora:0"], "argument --cache: cache interval must be an integer >= 1"),
+    (["--cache", "fora:0"], "argument --cache: cache period must be an integer >= 1"),
     (["--cache", "lru"], "argument --cache: unknown cache policy"),
     (["--cache", "auto", "--compile"], "drop --compile"),
     (["--cache", "fora:2", "--cuda-graph"], "drop --cuda-graph"),

@@ -1,7 +1,7 @@
 """The package's shape: no import cycle in dit_fast, imports at module level (function-level ones only defer heavy
 optional packages), one atomic-write helper (``os.replace`` in one source file); folders that show the layers (at
 most 10 top-level entries), modules and functions of readable size, argparse and exits only in the command layer,
-and a diffusion package that knows only a callable model."""
+a diffusion package that knows only a callable model, short module docstrings, and a README that is a guide."""
 
 from __future__ import annotations
 
@@ -155,6 +155,12 @@ def test_function_length_outside_kernels():
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
+def test_module_docstrings_are_summaries():
+    long = {name: n for name, tree in _trees().items()
+            if (n := len((ast.get_docstring(tree, clean=False) or "").splitlines())) > MAX_DOCSTRING_LINES}
+    assert not long, f"module docstrings over {MAX_DOCSTRING_LINES} lines (move the detail to docs/): {long}"
+
+
 def test_argparse_only_in_the_command_layer():
     users = sorted(name for name, tree in _trees().items()
                    if any(isinstance(n, ast.Import) and any(a.name == "argparse" for a in n.names)
@@ -184,3 +190,6 @@ def test_diffusion_knows_only_a_callable_model():
                for d in deps if not d.startswith("dit_fast.diffusion")}
     assert not outside, sorted(outside)
 
+
+def test_readme_is_a_guide():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250

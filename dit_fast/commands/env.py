@@ -15,7 +15,8 @@ import warnings
 import torch
 
 from dit_fast.commands.arguments import positive_int
-from dit_fast.kernels.registry import KERNELS_ENV_VAR, available_kernels, resolve_kernels
+from dit_fast.kernels.registry import ENV_VAR as KERNELS_ENV_VAR
+from dit_fast.kernels.registry import available_kernels, resolve_kernels
 from dit_fast.models.attention import BACKENDS, ENV_VAR, available_backends, resolve_backend
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

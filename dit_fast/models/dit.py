@@ -1,8 +1,8 @@
 """DiTFast: the reference DiT computed with fused kernels, a pluggable attention backend and fast inference paths.
 
-Same constructor, methods, module tree and state dict as ``dit_fast.reference.DiT`` (the official keys, so an official
-checkpoint loads with ``strict=True`` both ways), same init (even the same random draws for the same seed), same
-function. What differs is how a forward is computed (D hidden, T tokens, N batch):
+Same constructor, methods, module tree and state dict as ``dit_fast.reference.DiT`` (the official keys, so an
+official checkpoint loads with ``strict=True`` both ways), same init, same function. What differs is how a forward
+is computed (D hidden, L blocks):
 
     tokens = patchify(x) @ W_patch^T + b + pos_embed        # the conv as one GEMM on the conv weight, viewed
     c      = t_mlp(timestep_embedding(t)) + table[y]         # (N, D), fp32
@@ -14,27 +14,9 @@ function. What differs is how a forward is computed (D hidden, T tokens, N batch
     final: _, h = gated_residual_modulated_layer_norm(x, gate_mlp[L-1], mlp_out[L-1], shift, scale)
            out  = unpatchify(h @ W_final^T + b)
 
-so each block boundary is one pass over the residual stream (the MLP residual of block i fused with the norm of
-block i+1's attention branch), and qkv is viewed as (N, T, 3, H, hd) for the attention backend with no copy.
-
-Backends: ``kernels="auto" | "triton" | "torch"`` (the ``dit_fast.kernels`` ops, which run Triton on CUDA, or their
-plain-PyTorch ``_ref`` twins, which ``torch.compile`` fuses on the CPU; default ``$DIT_FAST_KERNELS``, else Triton
-on CUDA and torch elsewhere) and ``attention=`` any name of ``dit_fast.models.attention.BACKENDS`` or "auto".
-
-Precision: the conditioning (timestep MLP, c) is computed in fp32 whatever the weights' dtype, and ``silu(c)`` is cast
-once to the dtype the adaLN linears compute in; the fused norms compute in fp32 internally; the residual stream keeps
-the embedded tokens' dtype (bf16 with bf16 weights, fp32 under autocast, as in the reference). Under autocast the
-fused ops take the fp32 stream with the bf16/fp16 modulation and branch outputs as they come and return the branch
-input in the modulation's dtype, so no cast kernel runs around them; the batched adaLN weight is cached in the
-autocast dtype.
-
-Inference vs training: without gradients, every block's adaLN comes from one batched GEMM over a cached stacked
-weight. With gradients, each block computes its own adaLN from its own parameters (no cross-block parameter access,
-so FSDP can wrap blocks and per-block gradient checkpointing recomputes just the block). On the CPU the linears run
-through oneDNN with the bias fused (and the GELU, without gradients): ``fused_linear`` (``dit_fast.models.onednn``); on
-CUDA, without gradients, fc1's bias and GELU run in cuBLASLt's GEMM epilogue (``dit_fast.kernels.linear_gelu``). The
-kernel sets come from ``dit_fast.kernels.registry``; ARCHITECTURE.md at the repository root places the model among
-the other layers.
+so each block boundary is one pass over the residual stream. Backends: ``kernels=`` ("auto", "triton", "torch";
+``dit_fast.kernels.registry``) and ``attention=`` (``dit_fast.models.attention``). docs/kernels.md covers the
+precision rules, inference vs training and the CPU / CUDA linears.
 """
 
 from __future__ import annotations

@@ -1,46 +1,19 @@
 """FID, sFID, Inception Score, precision and recall as the ADM evaluator defines them, without TensorFlow.
 
-The DiT paper reports (FID 2.27 for DiT-XL/2, cfg 1.5, 250 DDPM steps, 50K samples) the metrics of the ADM evaluator
-(openai/guided-diffusion ``evaluations/evaluator.py``, TensorFlow 1 on the 2015-12-05 InceptionV3 graph). This module
-computes the same definitions in PyTorch:
+The DiT paper reports the metrics of the ADM evaluator (openai/guided-diffusion ``evaluations/evaluator.py``, TF1 on
+the 2015-12-05 InceptionV3 graph); this module computes the same definitions in PyTorch:
 
 - features of each image (``arr_0``: (N, H, W, 3) uint8, resized inside the network to 299x299 by TF1's bilinear
-  rule): ``pool_3`` (N, 2048); the spatial ``mixed_6/conv`` output's first 7 channels, flattened in TF's NHWC order
-  (N, 17 * 17 * 7 = 2023); the 1008-way logits ``pool_3 @ W`` of the softmax layer, without its bias;
-- FID: Fréchet distance between the samples' ``pool_3`` mean/covariance and the reference batch's stored ``mu`` /
-  ``sigma``; sFID: the same on the spatial features against ``mu_s`` / ``sigma_s`` (a reference without stored
-  statistics gets them from its images, as ADM does);
-- Inception Score: ``exp(E_x KL(p(y|x) || p(y)))`` on the softmax of the logits, over consecutive splits of 5000
-  samples, averaged;
-- precision / recall (Kynkäänniemi et al., k = 3): each set's manifold is the union of balls around its ``pool_3``
-  features with radius the squared distance to the 3rd nearest neighbour (itself excluded); precision is the share
-  of samples inside the reference manifold, recall the share of reference images inside the samples'. Squared
-  distances are computed in float16 as ADM's distance block does (float32 where float16 would overflow).
+  rule): ``pool_3`` (N, 2048), the first 7 channels of ``mixed_6/conv`` in NHWC order (N, 2023), and the 1008-way
+  logits of the softmax layer without its bias;
+- FID / sFID: Fréchet distances of ``pool_3`` / spatial statistics against the reference's ``mu``, ``sigma`` /
+  ``mu_s``, ``sigma_s``; Inception Score over splits of 5000; precision / recall with k = 3 manifolds.
 
-The network is torch-fidelity's InceptionV3 (``pip install 'dit-fast[eval]'``), a PyTorch port of exactly that TF
-graph: the TF1 bilinear resize (``interpolate_bilinear_2d_like_tensorflow1x``), the graph's pooling quirks and the
-1008-class softmax layer, with weights converted from ``classify_image_graph_def.pb``; its module names follow
-torchvision's (``Mixed_6d`` is TF's ``mixed_6``). It gives ``pool_3`` and the unbiased logits directly; the spatial
-features are read from ``Mixed_6d.branch1x1`` (TF's ``mixed_6/conv``). The alternatives: pytorch-fid builds on
-torchvision's Inception blocks (torchvision required), resizes with PyTorch's bilinear interpolation and returns only
-pooled block outputs (no logits); torchmetrics' FID wraps torch-fidelity's very network; clean-fid ships the graph
-as TorchScript (no access to ``mixed_6/conv``) and by default resizes differently on purpose. torch-fidelity's
-package ``__init__`` imports its CLIP/VGG/DINOv2
-extractors, which need torchvision, while its InceptionV3 needs torch alone: without torchvision, that one module is
-loaded with the package ``__init__`` skipped, so ``pip install --no-deps torch-fidelity`` is enough and never
-changes the installed torch.
-
-Weights (dit-fast downloads nothing): torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (``URL``
-below, 91 MB), from ``--inception-weights PATH`` or torch-fidelity's cache, ``$TORCH_HOME/hub/checkpoints/``
-(``~/.cache/torch/hub/checkpoints/`` by default), where its own download puts it. The file is checked against the
-SHA-256 prefix in its name and read with ``torch.load(weights_only=True)``.
-
-Reference batches are ADM's ``.npz`` files (e.g. ``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` 10,000 images plus
-``mu``, ``sigma``, ``mu_s``, ``sigma_s``); images are streamed from the zip member in batches, never loaded whole
-(50K 256x256 samples are 9.8 GB).
-
-Command line (``dit_fast.commands.evaluate``): ``dit-fast evaluate samples.npz --ref
-VIRTUAL_imagenet256_labeled.npz [--inception-weights PATH]``.
+The network is torch-fidelity's InceptionV3 (``pip install 'dit-fast[eval]'``, or ``--no-deps``: only torch is
+needed), a PyTorch port of exactly that TF graph. Its weights are never downloaded: ``--inception-weights PATH`` or
+torch-fidelity's cache (``$TORCH_HOME/hub/checkpoints/``), checked against the SHA-256 prefix in the file name.
+Reference batches are ADM's ``.npz`` files, streamed in batches, never loaded whole. docs/evaluation.md has the
+definitions in full and why this network; ``dit-fast evaluate`` is ``dit_fast.commands.evaluate``.
 """
 
 from __future__ import annotations

@@ -2,36 +2,16 @@
 
 ::
 
-    from diffusers import DiTPipeline
-    import dit_fast
-
     pipe = DiTPipeline.from_pretrained("path/to/DiT-XL-2-256")   # a local copy (dit-fast downloads nothing)
     dit_fast.accelerate(pipe)                                     # in place; returns pipe
-    pipe.to("cuda", torch.float16)
     images = pipe(class_labels=[207, 360], num_inference_steps=25, generator=torch.manual_seed(0)).images
 
 ``accelerate`` converts the pipeline's ``DiTTransformer2DModel`` weights (``dit_fast.checkpoints``) into a
-:class:`~dit_fast.DiTFast` that computes diffusers' numerics (timestep frequencies / 127, MLP-norm eps 1e-5) and puts
-it behind :class:`DiffusersDiT`, a module with the interface the pipeline uses:
-
-- ``config``: the original transformer's diffusers config (``sample_size``, ``in_channels``, ``out_channels``, ...);
-- ``dtype``, ``device``, ``.to(...)`` (so ``pipe.to("cuda", torch.float16)`` moves it like any component);
-- ``forward(hidden_states, timestep=..., class_labels=..., return_dict=True)`` returning diffusers'
-  ``Transformer2DModelOutput`` (or a 1-tuple): ``hidden_states`` (N, C, H, W), ``timestep`` a number, a 0-dim
-  tensor, a (1,) tensor or a (N,) tensor (int or float: ``DiTPipeline`` passes the scheduler's timesteps expanded
-  to (N,)), ``class_labels`` (N,) integers with the null class ``num_embeds_ada_norm`` (1000 for ImageNet).
-
-The pipeline itself is unchanged: it still doubles the batch for guidance, guides every eps channel and drops the
-learned variance, so the images are the same as before up to float rounding for the same generator.
-
-Options: ``attention=`` (a ``dit_fast.models.attention`` backend name, "auto" by default), ``kernels=``, ``compile=``
-(``True`` or a dict of ``DiTFast.compile`` arguments: regional ``torch.compile`` of the repeated block) and
-``cuda_graph=True`` (CUDA only: each new input shape is captured once as a CUDA graph, then replayed; the
-capture is dropped by any device or dtype move).
-
-Saving: diffusers' ``pipe.save_pretrained`` skips a component of a foreign class (with a warning), so save the
-pipeline before accelerating it; ``dit_fast.checkpoints.save_diffusers(pipe.transformer.model, folder)`` writes the
-accelerated model's weights back in diffusers' layout.
+:class:`~dit_fast.DiTFast` computing diffusers' numerics and puts it behind :class:`DiffusersDiT`, a module with the
+interface the pipeline uses (``config``, ``dtype``, ``device``, ``.to``, diffusers' ``forward`` signature and
+output). The pipeline itself is unchanged (guidance, learned variance, scheduler), so the images are the same up to
+float rounding. Options: ``attention=``, ``kernels=``, ``compile=`` and ``cuda_graph=`` (CUDA only).
+docs/diffusers.md describes the interface, the options and how to save an accelerated pipeline.
 """
 
 from __future__ import annotations

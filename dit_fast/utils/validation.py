@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,10 +40,6 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 # ---------------------------------------------------------------------------------------------------- numbers
