@@ -14,11 +14,16 @@ to the real digits in PCA features. It trains nothing. Written next to ``--out``
 - ``OUT.png``: Fréchet distance and accuracy against the wall-time speed-up, one panel per sampler and guidance
   (needs matplotlib; skipped with a note without it).
 
-Wall time (and the process's CPU time) is one whole ``dit_fast.sampling.generate.generate`` call (noise, sampling loop,
-network) on ``--threads`` CPU threads (default 1, as the digits recipe trains), the fastest of repeats that add up
-to ``--min-time`` (short runs repeat, so a busy neighbour on a shared machine skews them less); no-cache runs first
-in each group, then the policies in order. A "full evaluation" is one network pass with every block computed (over
-the doubled batch when guided).
+With ``--pipeline`` the same model is sampled as a diffusers user would: converted to a ``DiTTransformer2DModel``
+(diffusers' numerics) in a ``DiTPipeline`` (diffusers' DDPM / DDIM / DPM-Solver++ schedulers, the learned variance
+dropped as the pipeline does, a pass-through decoder for the pixel-space model) served by
+``dit_fast.accelerate(pipe, cache=POLICY)``; unguided only (``DiTPipeline`` hard-codes ImageNet's null class 1000).
+
+Wall time (and the process's CPU time) is one whole ``dit_fast.sampling.generate.generate`` (or pipeline) call (noise,
+sampling loop, network) on ``--threads`` CPU threads (default 1, as the digits recipe trains), the fastest of repeats
+that add up to ``--min-time`` (short runs repeat, so a busy neighbour on a shared machine skews them less); no-cache
+runs first in each group, then the policies in order. A "full evaluation" is one network pass with every block
+computed (over the doubled batch when guided).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -72,17 +79,76 @@ def _sampler(spec: str) -> tuple[str, int]:
     return name, int(steps)
 
 
+Sampler = Callable[[torch.Tensor, str, int, float, str, int, dict[str, int]], torch.Tensor]
+
+
+def generate_sampler(model: torch.nn.Module) -> Sampler:
+    """``sample(labels, sampler, steps, cfg_scale, policy, seed, stats) -> samples (N, 1, 8, 8)`` with
+    ``dit_fast.sample.generate`` (all eps channels guided, x_0 clipped)."""
+
+    def sample(labels: torch.Tensor, sampler: str, steps: int, cfg_scale: float, policy: str, seed: int,
+               stats: dict[str, int]) -> torch.Tensor:
+        return generate(model, labels, sampler=sampler, num_steps=steps, cfg_scale=cfg_scale, guide_channels="all",
+                        seed=seed, batch_size=len(labels), clip_denoised=True, progress=False, cache=policy,
+                        cache_stats=stats)
+
+    return sample
+
+
+class _PixelDecoder(torch.nn.Module):
+    """The ``vae`` of a pixel-space ``DiTPipeline``: latents are the images (scaling factor 1, decode = identity)."""
+
+    config = SimpleNamespace(scaling_factor=1.0)
+    device = torch.device("cpu")
+
+    def decode(self, latents: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=latents)
+
+
+def pipeline_sampler(model: torch.nn.Module) -> Sampler:
+    """The same signature as ``generate_sampler``, through ``DiTPipeline`` + ``dit_fast.accelerate`` (unguided)."""
+    import diffusers
+
+    from dit_fast import accelerate
+    from dit_fast.checkpoints import to_diffusers_config, to_diffusers_state_dict
+
+    config = model.config
+    transformer = diffusers.DiTTransformer2DModel.from_config(to_diffusers_config(config))
+    transformer.load_state_dict(to_diffusers_state_dict(model.state_dict(), config), strict=True)
+    schedulers = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler,
+                  "dpm++": diffusers.DPMSolverMultistepScheduler}
+    pipe = diffusers.DiTPipeline(transformer=transformer.eval(), vae=_PixelDecoder(), scheduler=schedulers["ddim"]())
+    pipe.set_progress_bar_config(disable=True)
+    accelerate(pipe)
+
+    def sample(labels: torch.Tensor, sampler: str, steps: int, cfg_scale: float, policy: str, seed: int,
+               stats: dict[str, int]) -> torch.Tensor:
+        if cfg_scale != 1.0:
+            raise ValueError("the DiTPipeline frontier is unguided (DiTPipeline's null class is ImageNet's 1000)")
+        pipe.scheduler = schedulers[sampler]()
+        accelerate(pipe, cache=None if policy == "none" else policy)
+        images = pipe(class_labels=labels.tolist(), guidance_scale=1.0, num_inference_steps=steps,
+                      generator=torch.Generator().manual_seed(seed), output_type="pt").images  # [0, 1]
+        cache = pipe.transformer.step_cache
+        if cache is not None:
+            stats.update(full_steps=cache.full_steps, cached_steps=cache.cached_steps)
+        return images * 2 - 1  # (N, 1, 8, 8) in [-1, 1]
+
+    return sample
+
+
 def run_frontier(model: torch.nn.Module, args: argparse.Namespace) -> list[FrontierRow]:
     """Every (sampler, guidance, policy) run of ``args``, in order; no cache first in each group."""
     labels = torch.arange(args.samples) % model.config.num_classes
     policies = ["none", *(p for p in args.policies if parse_cache(p) is not None)]
     rows: list[FrontierRow] = []
+    sample = pipeline_sampler(model) if args.pipeline else generate_sampler(model)
+    guidance = (1.0,) if args.pipeline else (1.0, args.cfg_scale)
     # warm-up (oneDNN primitives, allocator) so that the first timed run is not the slowest for no reason
-    generate(model, labels, sampler="ddim", num_steps=3, cfg_scale=args.cfg_scale, guide_channels="all",
-             batch_size=args.samples, progress=False, cache="fora:2")
+    sample(labels, "ddim", 3, guidance[-1], "fora:2", args.seed, {})
     for spec in args.samplers:
         sampler, steps = _sampler(spec)
-        for cfg_scale in (1.0, args.cfg_scale):
+        for cfg_scale in guidance:
             base: FrontierRow | None = None
             for given in policies:
                 policy = "none" if given == "none" else parse_cache(given, steps).spec  # "auto" -> its policy
@@ -90,9 +156,7 @@ def run_frontier(model: torch.nn.Module, args: argparse.Namespace) -> list[Front
                 while not times or (sum(w for w, _ in times) < args.min_time and len(times) < args.max_repeats):
                     stats: dict[str, int] = {}
                     t0, c0 = time.perf_counter(), time.process_time()
-                    samples = generate(model, labels, sampler=sampler, num_steps=steps, cfg_scale=cfg_scale,
-                                       guide_channels="all", seed=args.seed, batch_size=args.samples,
-                                       clip_denoised=True, progress=False, cache=policy, cache_stats=stats)
+                    samples = sample(labels, sampler, steps, cfg_scale, policy, args.seed, stats)
                     times.append((time.perf_counter() - t0, time.process_time() - c0))
                 seconds, cpu_seconds = min(times)
                 scores = evaluate_digits(samples, labels)
@@ -185,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                              "at most --max-repeats times, and report the fastest (default 20)")
     parser.add_argument("--max-repeats", type=int, default=5)
     parser.add_argument("--impl", choices=["fast", "reference"], default="fast")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="sample through a diffusers DiTPipeline served by dit_fast.accelerate(pipe, cache=...) "
+                             "(unguided; needs diffusers)")
     parser.add_argument("--out", default="benchmarks/results/cache_frontier", help="output path without suffix")
     args = parser.parse_args(argv)
     if args.render:
@@ -216,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
 
     command = "python -m benchmarks.cache_frontier " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    served = ("a diffusers DiTPipeline (diffusers' numerics and schedulers, unguided) served by dit_fast.accelerate"
+              if args.pipeline else f"{args.impl} model")
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch "
-               f"{torch.__version__}, {args.impl} model")
+               f"{torch.__version__}, {served}")
     header = (f"{description}. {args.samples} samples per run (classes cycling), one batch, CPU ({machine}). Full "
               f"evals: network passes with every block computed (over the doubled batch when guided); Δ and ratios "
               f"against no cache in the same group. CPU s: the process's CPU time (less sensitive than wall time to "

@@ -4,6 +4,12 @@
 - ``bench_settings``: the resolved ``benchmarks.common.BenchSettings``;
 - ``matmul_ceiling``: the run's ``benchmarks.common.MatmulCeiling`` (fp32 on a CPU, bf16 on a GPU by default),
   measured once per session so every case's "fraction of ceiling" is a ratio of one run;
+- ``profile_case``: ``profile_case(benchmark, fn)`` stores a ``torch.profiler`` summary of ``fn`` in the case's
+  ``extra_info["profile"]`` when the run has ``--dit-profile`` (``benchmarks.profiling``), else does nothing;
+- an interrupted session keeps what it finished: SIGINT always interrupts (also where a shell started the run in the
+  background, ignoring SIGINT), and the JSON holds exactly the cases whose test finished (pytest-benchmark alone
+  writes no JSON at all when the interrupted case had no timed round yet), so a level stopped by ``timeout
+  --signal=INT`` (gpu_check.sh) keeps its finished cases;
 - the JSON's ``machine_info`` gains the CPU model, GPU, driver and package versions (``environment_info``);
 - with ``--benchmark-json=RUN.json`` the Markdown report (``RUN.md``) and plot (``RUN.png``) are written next to it
   at the end of the session (``benchmarks.report``).
@@ -11,7 +17,9 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +33,11 @@ from benchmarks.common import (
     measure_matmul_ceiling,
     settings_from_config,
 )
+from benchmarks.profiling import profile_summary
 from benchmarks.report import write_report
 
 _START_KEY = pytest.StashKey[float]()
+_FINISHED_KEY = pytest.StashKey[set[str]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,10 +63,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "cpu, all 12 on cuda)")
     group.addoption("--dit-impls", default=None,
                     help=f"comma-separated implementations to run (default all: {','.join(IMPLS)})")
+    group.addoption("--dit-profile", action="store_true",
+                    help="store a torch.profiler summary of each model-level case in its extra_info (a few more "
+                         "calls per case; python -m benchmarks.profiling RUN.json prints them)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     settings_from_config(config)  # bad options fail before collection, with the option's name
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited from a background job: make INT interrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +84,16 @@ def matmul_ceiling(bench_settings: BenchSettings) -> MatmulCeiling:
     return measure_matmul_ceiling(bench_settings.device, bench_settings.dtype)
 
 
+@pytest.fixture(scope="session")
+def profile_case(pytestconfig: pytest.Config, bench_settings: BenchSettings
+                 ) -> Callable[[Any, Callable[[], Any]], None]:
+    def profile(benchmark: Any, fn: Callable[[], Any]) -> None:
+        if pytestconfig.getoption("dit_profile"):
+            benchmark.extra_info["profile"] = profile_summary(fn, bench_settings.device)
+
+    return profile
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     settings = settings_from_config(config)
     machine_info["dit_fast"] = environment_info(settings.device) | {"dtype": settings.dtype_name}
@@ -76,6 +101,23 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_START_KEY] = time.time()
+    session.config.stash[_FINISHED_KEY] = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    yield
+    if call.when == "call" and not isinstance(call.excinfo and call.excinfo.value, KeyboardInterrupt):
+        item.config.stash.setdefault(_FINISHED_KEY, set()).add(item.nodeid)  # the test body ran to its end
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_benchmark_generate_json(config: pytest.Config, benchmarks: list[Any], include_data: bool,
+                                   machine_info: dict[str, Any], commit_info: dict[str, Any]) -> None:
+    """Keep, in the JSON, the cases whose test finished: a case cut short by an interrupt is dropped (in place;
+    returning None lets pytest-benchmark's own hook write the rest)."""
+    finished = config.stash.get(_FINISHED_KEY, set())
+    benchmarks[:] = [bench for bench in benchmarks if bench.fullname in finished and bench.stats.data]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

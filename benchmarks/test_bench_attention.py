@@ -40,8 +40,8 @@ def test_attention_backend(benchmark, bench_settings: BenchSettings, backend: st
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
     n, t, h = SHAPES[kind]
-    gen = torch.Generator().manual_seed(0)
-    qkv = torch.randn(n, t, 3, h, head_dim, generator=gen).to(device, dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    qkv = torch.randn(n, t, 3, h, head_dim, generator=gen, device=device).to(dtype)
     fn = A.BACKENDS[backend].fn
     benchmark.group = f"attention hd{head_dim}"
     seconds = kernel_seconds(benchmark, lambda: fn(qkv), device, cpu_rounds=10)

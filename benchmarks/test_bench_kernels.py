@@ -57,11 +57,12 @@ class KernelOp:
 
 def _row_tensors(batch: int, tokens: int, hidden: int, device: torch.device, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """x, y (B, T, D) and the six (B, D) chunks of an adaLN output (views with stride (6D, 1), as in the model)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, tokens, hidden, generator=gen).to(device, dtype)
-    y = torch.randn(batch, tokens, hidden, generator=gen).to(device, dtype)
-    mods = (torch.randn(batch, 6 * hidden, generator=gen) * 0.5).to(device, dtype)
+    """x, y (B, T, D) and the six (B, D) chunks of an adaLN output (views with stride (6D, 1), as in the model), drawn
+    on ``device`` (at batch 256 a CPU draw of the 150M values would take longer than the kernels' timing)."""
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, tokens, hidden, generator=gen, device=device).to(dtype)
+    y = torch.randn(batch, tokens, hidden, generator=gen, device=device).to(dtype)
+    mods = (torch.randn(batch, 6 * hidden, generator=gen, device=device) * 0.5).to(dtype)
     return x, y, mods.chunk(6, dim=1)
 
 
@@ -82,13 +83,14 @@ def _block_boundary_args(*size) -> Args:
 
 def _patchify_args(batch: int, tokens: int, hidden: int, device: torch.device, dtype: torch.dtype) -> Args:
     side = PATCH * int(tokens**0.5)
-    x = torch.randn(batch, LATENT_CHANNELS, side, side, generator=torch.Generator().manual_seed(0))
-    return (x.to(device, dtype), PATCH)
+    x = torch.randn(batch, LATENT_CHANNELS, side, side, generator=torch.Generator(device).manual_seed(0), device=device)
+    return (x.to(dtype), PATCH)
 
 
 def _unpatchify_args(batch: int, tokens: int, hidden: int, device: torch.device, dtype: torch.dtype) -> Args:
-    y = torch.randn(batch, tokens, PATCH * PATCH * OUT_CHANNELS, generator=torch.Generator().manual_seed(0))
-    return (y.to(device, dtype), PATCH, OUT_CHANNELS)
+    y = torch.randn(batch, tokens, PATCH * PATCH * OUT_CHANNELS, generator=torch.Generator(device).manual_seed(0),
+                    device=device)
+    return (y.to(dtype), PATCH, OUT_CHANNELS)
 
 
 OPS: dict[str, KernelOp] = {
@@ -155,8 +157,8 @@ def test_kernel(benchmark, op: str, impl: str, mode: str, batch: int, device: st
                                                                                               fullgraph=True)
     with torch.no_grad():
         outputs = _as_tuple(spec.ref(*args))
-    gen = torch.Generator().manual_seed(1)
-    grad_outputs = [torch.randn(o.shape, generator=gen).to(device) for o in outputs]  # fp32, shared with the oracle
+    gen = torch.Generator(device).manual_seed(1)
+    grad_outputs = [torch.randn(o.shape, generator=gen, device=device) for o in outputs]  # fp32, shared with the oracle
     call = _callable(fn, args, mode, grad_outputs)
     benchmark.group = f"kernel {op}"
     seconds = kernel_seconds(benchmark, call, device, cpu_rounds=20)

@@ -1,7 +1,7 @@
 """Model level: one inference forward, and one training step, of a config per implementation.
 
 Groups "<config> batch <B> forward" and "<config> batch <B> train step" compare, on the same weights and inputs, the
-plain reference (eager and ``torch.compile``d whole), DiTFast (eager, and ``DiTFast.compile()``) and diffusers
+plain reference (eager, and its blocks ``torch.compile``d), DiTFast (eager, and ``DiTFast.compile()``) and diffusers
 (forward only, when installed). Work per call: ``dit_fast.gflops(config) * 2 * batch`` hardware GFLOP for a forward,
 3x that for a training step (forward + backward of ``mean(out^2)``, no optimizer step). Every case records the
 keys of ``benchmarks.common`` (``gflops``, ``frac_ceiling`` against the run's matmul ceiling, ``mfu`` on a GPU) and
@@ -36,6 +36,7 @@ from benchmarks.common import (
     CEILING_SIZE,
     BenchSettings,
     MatmulCeiling,
+    compile_regionally,
     forward_gflop,
     impl_model,
     make_inputs,
@@ -64,21 +65,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def trainable_model(impl: str, config_name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A trainable copy of ``impl`` (the shared benchmark models are frozen): same weights, gradients on.
 
-    Reference and DiTFast only; "+compile" compiles the copy as the forward level does (the reference whole,
-    DiTFast with its own ``compile()``).
+    Reference and DiTFast only; "+compile" compiles the copy's blocks as the forward level does (regionally).
     """
     eager = impl_model(impl.removesuffix("+compile"), config_name, device, dtype)
     module = copy.deepcopy(eager.module).requires_grad_(True)
     if impl.endswith("+compile"):
-        return module.compile() if eager.impl == "dit_fast" else torch.compile(module)
+        return module.compile() if eager.impl == "dit_fast" else compile_regionally(module)
     return module
+
+
+def _backward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    """One forward + backward (the timed work of a training step here; no optimizer)."""
+    model.zero_grad(set_to_none=True)
+    model(x, t, y).float().square().mean().backward()
+
+
+def _gradients(model: nn.Module) -> torch.Tensor:
+    """Every parameter gradient, flattened and concatenated in fp32 (for the parity check, never timed)."""
+    return torch.cat([p.grad.float().flatten() for p in model.parameters()])
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One forward + backward; returns every parameter gradient, flattened and concatenated in fp32."""
-    model.zero_grad(set_to_none=True)
-    model(x, t, y).float().square().mean().backward()
-    return torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    _backward(model, x, t, y)
+    return _gradients(model)
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +107,18 @@ def train_oracle(bench_settings: BenchSettings):
     return exact, reference_err
 
 
-def test_forward(benchmark, bench_settings: BenchSettings, matmul_ceiling: MatmulCeiling, forward_impl: str) -> None:
-    """One inference forward (no grad): images/s and GFLOP/s; output checked against the fp32 reference."""
+def test_forward(benchmark, bench_settings: BenchSettings, matmul_ceiling: MatmulCeiling, profile_case,
+                 forward_impl: str) -> None:
+    """One inference forward (no grad): images/s and GFLOP/s; output checked against the fp32 reference; profiled
+    with ``--dit-profile``."""
     size = bench_settings.sizing("model")
     device, dtype = bench_settings.device, bench_settings.dtype
     benchmark.group = f"{size.config} batch {size.batch} forward"
     model = impl_model(forward_impl, size.config, device, dtype)
     x, t, y = make_inputs(size.config, size.batch, device)
     out = run_timed(benchmark, lambda: model(x, t, y), device, size.rounds)
+    with torch.no_grad():
+        profile_case(benchmark, lambda: model(x, t, y))
     with strict_fp32(), torch.no_grad():
         exact = oracle_model(size.config, device, model.numerics)(x, t, y)
         reference_err = 0.0
@@ -125,7 +139,8 @@ def test_train_step(benchmark, bench_settings: BenchSettings, matmul_ceiling: Ma
     model = trainable_model(train_impl, size.config, device, dtype)
     x, t, y = make_inputs(size.config, size.batch, device)
     x = x.to(dtype)
-    grads = run_timed(benchmark, lambda: _train_step(model, x, t, y), device, size.rounds, grad=True)
+    run_timed(benchmark, lambda: _backward(model, x, t, y), device, size.rounds, grad=True)
+    grads = _gradients(model)  # of the last timed step: the concatenation stays out of the timed region
     exact, reference_err = train_oracle
     record_and_check(benchmark, impl=train_impl, case=f"{size.config} batch {size.batch} train step",
                      gflop=3 * forward_gflop(size.config, size.batch), images=size.batch, output=grads, oracle=exact,
@@ -147,7 +162,7 @@ def interleaved_ratios(config_name: str, batch: int, rounds: int, device: torch.
         model = impl_model(impl, config_name, device, dtype)
         trainable = trainable_model(impl, config_name, device, dtype)
         cases[f"forward {impl}"] = (functools.partial(_no_grad_call, model, x, t, y), forward_gflop(config_name, batch))
-        cases[f"train {impl}"] = (functools.partial(_train_step, trainable, x, t, y),
+        cases[f"train {impl}"] = (functools.partial(_backward, trainable, x, t, y),
                                   3 * forward_gflop(config_name, batch))
     seconds: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(rounds + 1):  # round 0 warms up (and compiles)

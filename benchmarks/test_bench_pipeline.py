@@ -1,7 +1,8 @@
 """diffusers pipeline level: one whole ``DiTPipeline`` call, as is and after ``dit_fast.accelerate(pipe)``.
 
 Group "diffusers pipeline" compares, on the same weights, noise and labels: the pipeline as diffusers ships it
-("diffusers": its ``DiTTransformer2DModel``), the same pipeline after ``dit_fast.accelerate`` ("dit_fast") and
+("diffusers": its ``DiTTransformer2DModel``, whose per-block timestep/label embedder copies differ, as in a DiT built
+or trained in diffusers), the same pipeline after ``dit_fast.accelerate`` ("dit_fast", per-block conditioning) and
 after ``dit_fast.accelerate(pipe, compile=True)`` ("dit_fast+compile"), and the plain reference DiT (diffusers'
 numerics) behind the same adapter ("reference", the fp32 oracle every case's images are checked against). The
 pipeline runs DDIM with guidance scale 1.5 (each step one transformer forward over the doubled batch, diffusers'
@@ -116,6 +117,7 @@ def pipeline(impl: str, config_name: str, device: torch.device, dtype: torch.dty
     diffusers = import_or_skip("diffusers", "the diffusers pipeline benchmark")
     checkpoints = import_or_skip("dit_fast.checkpoints", "the diffusers pipeline benchmark (weights converter)")
     accel = import_or_skip("dit_fast.sampling.diffusers_pipeline", "the diffusers pipeline benchmark")
+    adapter = import_or_skip("dit_fast.sampling.diffusers_model", "the diffusers pipeline benchmark")
     reference = reference_model(config_name, device, seed)
     config = reference.config
     try:
@@ -125,6 +127,7 @@ def pipeline(impl: str, config_name: str, device: torch.device, dtype: torch.dty
     with torch.device(device):
         transformer = diffusers.DiTTransformer2DModel.from_config(hf_config)
     transformer.load_state_dict(checkpoints.to_diffusers_state_dict(reference.state_dict(), config), strict=True)
+    _perturb_embedder_copies(transformer, seed)
     if dtype != torch.float32:  # (diffusers warns on every dtype cast)
         transformer = transformer.to(dtype)
     transformer = transformer.eval().requires_grad_(False)
@@ -132,13 +135,24 @@ def pipeline(impl: str, config_name: str, device: torch.device, dtype: torch.dty
                                  scheduler=diffusers.DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     if impl == "reference":  # the plain reference DiT in diffusers' numerics, fp32, behind the same adapter
+        diffusers_sd = transformer.float().state_dict()
+        per_block = checkpoints.with_diffusers_conditioning(diffusers_sd, config.replace(numerics="diffusers"))
         with torch.device(device):
-            plain = DiT.from_config(config.replace(numerics="diffusers"))
-        plain.load_state_dict(reference.state_dict(), strict=True)
-        pipe.transformer = accel.DiffusersDiT(plain.eval().requires_grad_(False), transformer.config)
+            plain = DiT.from_config(per_block)
+        plain.load_state_dict(checkpoints.from_diffusers_state_dict(diffusers_sd, per_block)[0], strict=True)
+        pipe.transformer = adapter.DiffusersDiT(plain.eval().requires_grad_(False), transformer.config)
     elif impl != "diffusers":
         accel.accelerate(pipe, compile=impl.endswith("+compile"))
     return pipe
+
+
+def _perturb_embedder_copies(transformer: torch.nn.Module, seed: int) -> None:
+    """Give every block its own timestep/label embedder copy (diffusers draws one per block; training moves each)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            for p in block.norm1.emb.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
 
 
 @pytest.fixture(scope="module")

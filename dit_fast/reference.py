@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dit_fast.diffusion.guidance import guided_forward
+from dit_fast.models.checkpointing import run_block
 from dit_fast.models.config import CONFIGS, DiTConfig
 
 
@@ -200,7 +200,8 @@ class DiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie): the official constructor, forward and forward_with_cfg.
 
     ``input_size`` is the latent side, or ``(height, width)`` for non-square latents. ``numerics`` ("official" or
-    "diffusers") selects the timestep-frequency divisor and MLP-norm eps (see ``DiTConfig``).
+    "diffusers") selects the timestep-frequency divisor and MLP-norm eps; ``per_block_conditioning=True`` gives
+    each block its own timestep/label embedder, as diffusers' ``DiTTransformer2DModel`` has (see ``DiTConfig``).
     """
 
     # Component classes. A subclass that computes the same function another way (DiTFast) swaps in its own, with the
@@ -224,12 +225,14 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         *,
         numerics: str = "official",
+        per_block_conditioning: bool = False,
     ):
         super().__init__()
         self.config = DiTConfig(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, numerics=numerics,
+            per_block_conditioning=per_block_conditioning,
         )
         cfg = self.config
         self.learn_sigma = learn_sigma
@@ -241,8 +244,14 @@ class DiT(nn.Module):
         diffusers = numerics == "diffusers"
 
         self.x_embedder = self.patch_embed_cls(patch_size, in_channels, hidden_size)
-        self.t_embedder = self.timestep_embedder_cls(hidden_size, freq_shift=1 if diffusers else 0)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if per_block_conditioning:  # diffusers' layout: embedder i conditions block i; embedder 0 the final layer too
+            self.t_embedder = nn.ModuleList([self.timestep_embedder_cls(hidden_size, freq_shift=1 if diffusers else 0)
+                                             for _ in range(depth)])
+            self.y_embedder = nn.ModuleList([LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+                                             for _ in range(depth)])
+        else:
+            self.t_embedder = self.timestep_embedder_cls(hidden_size, freq_shift=1 if diffusers else 0)
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos table; a persistent buffer so it is in the state dict (as in the official checkpoints).
         self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, hidden_size), persistent=True)
         self.blocks = nn.ModuleList([
@@ -250,7 +259,9 @@ class DiT(nn.Module):
             for _ in range(depth)
         ])
         self.final_layer = self.final_layer_cls(hidden_size, patch_size, self.out_channels)
-        self.gradient_checkpointing = False  # True: recompute each block in the backward (training memory)
+        # Activation checkpointing of the blocks: False/"none", True/"full" (recompute each block in the backward)
+        # or "selective" (keep GEMM and attention outputs; dit_fast.models.checkpointing).
+        self.gradient_checkpointing: bool | str = False
         self.initialize_weights()
 
     @classmethod
@@ -279,16 +290,21 @@ class DiT(nn.Module):
         """x (N, C, H, W) latents, t (N,) timesteps in 0..999, y (N,) labels -> (N, out_channels, H, W)."""
         self.check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        t = self.t_embedder(t)  # (N, D)
-        y = self.y_embedder(y, self.training)  # (N, D)
-        c = t + y  # (N, D)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)  # (N, T, D), recomputed in the backward
-            else:
-                x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p*p*out)
+        c = self.conditioning(t, y)  # (N, D), or (depth, N, D) with per-block conditioning
+        per_block = c.dim() == 3
+        for i, block in enumerate(self.blocks):
+            x = run_block(block, self.gradient_checkpointing, x, c[i] if per_block else c)  # (N, T, D)
+        x = self.final_layer(x, c[0] if per_block else c)  # (N, T, p*p*out)
         return self.unpatchify(x)  # (N, out, H, W)
+
+    def conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """c = t_embedder(t) + y_embedder(y): t (N,), y (N,) -> (N, D), or (depth, N, D) with per-block conditioning
+        (one embedder pair per block; in training every block sees the same dropped labels)."""
+        if not self.config.per_block_conditioning:
+            return self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        drop = label_drop_ids(y, self.config.class_dropout_prob, self.training)
+        return torch.stack([te(t) + ye(y, self.training, drop) for te, ye in zip(self.t_embedder, self.y_embedder,
+                                                                                 strict=True)])  # (depth, N, D)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
@@ -304,10 +320,19 @@ class DiT(nn.Module):
         return guided_forward(self.forward, x, t, y, cfg_scale, guide_channels, self.in_channels, interval)
 
 
+def label_drop_ids(y: torch.Tensor, dropout_prob: float, train: bool) -> torch.Tensor | None:
+    """Which labels (N,) classifier-free-guidance training drops (int (N,), 1 = dropped), drawn once for every
+    embedder; None outside training or without dropout."""
+    if not (train and dropout_prob > 0):
+        return None
+    return (torch.rand(y.shape[0], device=y.device) < dropout_prob).long()
+
+
 def init_dit_weights(model: nn.Module) -> None:
     """The paper's init, for any module with the DiT layout (``x_embedder.proj``, ``t_embedder.mlp``,
     ``y_embedder``, ``blocks[i].adaLN_modulation``, ``final_layer``, ``pos_embed``, ``config``): Xavier-uniform
     linears with zero bias, the patch conv like a linear, N(0, 0.02) embeddings, adaLN-Zero, fixed sin-cos positions.
+    Per-block embedders are initialised one after the other, as the shared pair.
     """
 
     def basic_init(module: nn.Module) -> None:
@@ -323,9 +348,12 @@ def init_dit_weights(model: nn.Module) -> None:
     w = model.x_embedder.proj.weight.data
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     nn.init.zeros_(model.x_embedder.proj.bias)
-    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    per_block = model.config.per_block_conditioning
+    for t_embedder, y_embedder in zip(model.t_embedder if per_block else [model.t_embedder],
+                                      model.y_embedder if per_block else [model.y_embedder], strict=True):
+        nn.init.normal_(y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
     # adaLN-Zero: every block starts as the identity, the output starts at zero.
     for block in model.blocks:
         nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -337,7 +365,12 @@ def init_dit_weights(model: nn.Module) -> None:
 
 
 def validate_inputs(config: DiTConfig, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
-    """Shape, dtype and range checks shared by every DiT implementation (skipped while compiling/capturing)."""
+    """Shape, dtype and range checks shared by every DiT implementation.
+
+    The label range is checked here only for labels in host memory: reading device labels would synchronise the GPU
+    at every forward (every sampling step). Device labels are range-checked once per batch, on the host, by the code
+    that holds them there (``generate``, the trainer, the diffusers pipeline's label mapping); nothing is checked while
+    compiling."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4D tensor (N, C, H, W), got {_describe(x)}")
     n, c, h, w = x.shape
@@ -355,9 +388,8 @@ def validate_inputs(config: DiTConfig, x: torch.Tensor, t: torch.Tensor, y: torc
         raise ValueError(f"y must have shape ({n},) (one class label per sample), got {_describe(y)}")
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"y must hold integer class labels, got {y.dtype}")
-    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    check_labels(y, config.num_classes, null_class=config.class_dropout_prob > 0)
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_labels(y, config.num_classes, null_class=config.class_dropout_prob > 0)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, *, null_class: bool = False, what: str = "labels") -> None:

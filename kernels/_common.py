@@ -1,4 +1,6 @@
-"""Plumbing shared by the fused ops: optional Triton, the interpreter switch, dispatch, launch heuristics, checks.
+"""Plumbing shared by the fused ops: optional Triton, the interpreter switch, dispatch, capture, checks.
+
+The row kernels' launch heuristics live beside the row kernels, in ``_row.py``.
 
 Triton is probed (``find_spec``) and imported under a guard: this module (and so ``dit_fast.kernels``) imports on
 machines without Triton or without a GPU, where every op runs its plain-PyTorch ``<op>_ref``; kernels are built only
@@ -33,15 +35,6 @@ if HAS_TRITON:
     except ImportError:  # a broken install: behave as if absent
         HAS_TRITON = False
 
-# Widest row the row kernels keep in registers (fp32 working copies of a few rows of this width).
-MAX_FUSED_DIM = 16384
-# Programs the row-block backward kernels aim to launch (~8 per SM of a 132-SM H100/H200; a fixed number, so the
-# token partition, hence the summation order, is the same on every device); each writes one fp32 partial row per
-# reduced parameter. Not yet tuned on hardware.
-BWD_TARGET_PROGRAMS = 1024
-# The forward row kernels shrink their row tiles until they launch at least this many programs (when there are that
-# many tiles to cut): about two per SM of a 132-SM GPU, so small batches still fill the device.
-FWD_MIN_PROGRAMS = 256
 _TRUE_VALUES = ("1", "true", "yes", "on")
 
 
@@ -222,57 +215,6 @@ def prev_power_of_2(n: int) -> int:
     return 1 << max(int(n).bit_length() - 1, 0)
 
 
-@dataclass(frozen=True)
-class RowConfig:
-    """Launch configuration of the row kernels for rows of one width.
-
-    A row of D elements is two register tiles: a head of ``block_d`` = the largest power of two <= D columns (never
-    masked) and a tail of ``block_tail`` = next_power_of_2(D - block_d) columns (masked; 0 when D is a power of two),
-    so DiT's widths are covered with no idle lanes (384 = 256 + 128, 768 = 512 + 256, 1152 = 1024 + 128) and the
-    row still stays in registers between the statistics and the normalisation. ``block_m`` rows (tokens of one
-    batch element) are processed together, ``num_warps`` warps per program.
-    """
-
-    block_m: int
-    block_d: int
-    block_tail: int
-    num_warps: int
-
-    @property
-    def meta(self) -> dict[str, int]:
-        """The kernels' launch keywords."""
-        return {"BLOCK_M": self.block_m, "BLOCK_D": self.block_d, "BLOCK_TAIL": self.block_tail,
-                "num_warps": self.num_warps}
-
-
-def row_config(dim: int, tokens: int, programs: int | None = None, backward: bool = False) -> RowConfig:
-    """Row-kernel launch configuration for rows of ``dim`` elements, ``tokens`` rows per batch element.
-
-    The forward aims at ~4096 elements per tile (16 per thread), the backward (which also keeps three fp32 partial
-    sums and the per-channel gate/scale rows live) at ~2048 (8 per thread); at most 16 rows, never more than a batch
-    element has. ``programs(block_m)``, when given, is the program count a tile height gives: tiles shrink until at
-    least ``FWD_MIN_PROGRAMS`` programs run (or one row per tile).
-    """
-    block_d = prev_power_of_2(dim)
-    block_tail = next_power_of_2(dim - block_d) if dim > block_d else 0
-    width = block_d + block_tail
-    target, per_thread = (2048, 8) if backward else (4096, 16)
-    block_m = min(prev_power_of_2(max(target // width, 1)), 16, next_power_of_2(tokens))
-    while programs is not None and block_m > 1 and programs(block_m) < FWD_MIN_PROGRAMS:
-        block_m //= 2
-    num_warps = min(max(prev_power_of_2(block_m * width // (32 * per_thread)), 1), 8)
-    return RowConfig(block_m, block_d, block_tail, num_warps)
-
-
-def bwd_rows_per_program(batch: int, tokens: int) -> int:
-    """Tokens each backward program walks (all from one batch element), so that about ``BWD_TARGET_PROGRAMS`` run.
-
-    More rows per program means fewer fp32 partial sums to write and reduce, fewer means more parallelism.
-    """
-    rows = next_power_of_2(-(-batch * tokens // BWD_TARGET_PROGRAMS))
-    return max(1, min(rows, 128, next_power_of_2(tokens)))
-
-
 def check_tensor(name: str, t: Any, ndim: int) -> None:
     """TypeError unless ``t`` is a floating tensor of fp32/fp16/bf16; ValueError unless it has ``ndim`` dims."""
     if not isinstance(t, torch.Tensor):
@@ -307,13 +249,6 @@ def check_modulation(name: str, t: Any, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must have shape (B, D) = {(x.shape[0], x.shape[2])} for x of shape "
                          f"{tuple(x.shape)}, got {tuple(t.shape)}")
     check_device("x", x, [(name, t)])
-
-
-def check_row_dim(dim: int) -> None:
-    """ValueError for rows wider than the row kernels hold in registers."""
-    if dim > MAX_FUSED_DIM:
-        raise ValueError(f"hidden size {dim} exceeds the fused kernels' limit of {MAX_FUSED_DIM}; "
-                         "use the <op>_ref functions")
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -15,17 +15,133 @@ dtype; row statistics and the backward's partial sums are fp32.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from ._common import (
-    RowConfig,
-    bwd_rows_per_program,
-    check_row_dim,
-    last_dim_contiguous,
-    row_config,
-    tl,
-    triton_kernel,
-)
+from ._common import last_dim_contiguous, next_power_of_2, prev_power_of_2, tl, triton_kernel
+
+# ----------------------------------------------------------------------------------------------- launch heuristics
+
+# Widest row the row kernels keep in registers (fp32 working copies of a few rows of this width).
+MAX_FUSED_DIM = 16384
+# The forward row kernels shrink their row tiles until they launch at least this many programs (when there are that
+# many tiles to cut): about two per SM of a 132-SM GPU, so small batches still fill the device.
+FWD_MIN_PROGRAMS = 256
+# Backward programs aimed at where no SM count is known (CPU, the interpreter, compile_check): a fixed number, so the
+# partition depends on the shapes alone. Each program writes one fp32 partial row per reduced parameter.
+BWD_TARGET_PROGRAMS = 1024
+# On a GPU the backward grid is a whole multiple of the SM count, about this many programs per SM (see
+# backward_partition): 8 is a multiple of every power-of-two residency (1, 2, 4 or 8 programs per SM), so the grid is
+# whole waves, and few enough partial rows that writing and summing them stays small beside the activations.
+BWD_PROGRAMS_PER_SM = 8
+# Columns each backward thread holds of each row it carries across its token loop (up to five fp32 rows: gate,
+# 1 + scale and the three partial sums). At DiT-XL's D = 1152 four warps meant 9 columns a row, 45 registers of
+# loop-carried state, and up to 128 registers per thread in all (16 warps resident per SM of 64); 4 columns a row
+# asks for 8 warps there.
+BWD_COLS_PER_THREAD = 4
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """Launch configuration of the row kernels for rows of one width.
+
+    A row of D elements is two register tiles: a head of ``block_d`` = the largest power of two <= D columns (never
+    masked) and a tail of ``block_tail`` = next_power_of_2(D - block_d) columns (masked; 0 when D is a power of two),
+    so DiT's widths are covered with no idle lanes (384 = 256 + 128, 768 = 512 + 256, 1152 = 1024 + 128) and the
+    row still stays in registers between the statistics and the normalisation. ``block_m`` rows (tokens of one
+    batch element) are processed together, ``num_warps`` warps per program.
+    """
+
+    block_m: int
+    block_d: int
+    block_tail: int
+    num_warps: int
+
+    @property
+    def meta(self) -> dict[str, int]:
+        """The kernels' launch keywords."""
+        return {"BLOCK_M": self.block_m, "BLOCK_D": self.block_d, "BLOCK_TAIL": self.block_tail,
+                "num_warps": self.num_warps}
+
+
+def row_config(dim: int, tokens: int, programs: Callable[[int], int] | None = None,
+               backward: bool = False) -> RowConfig:
+    """Row-kernel launch configuration for rows of ``dim`` elements, ``tokens`` rows per batch element.
+
+    The forward aims at ~4096 elements per tile (16 per thread), the backward at ~2048 (8 per thread) and, for the
+    rows it carries across its loop, at most ``BWD_COLS_PER_THREAD`` columns per thread; at most 16 rows a tile,
+    never more than a batch element has, at most 8 warps. ``programs(block_m)``, when given, is the program count a
+    tile height gives: tiles shrink until at least ``FWD_MIN_PROGRAMS`` programs run (or one row per tile).
+    """
+    block_d = prev_power_of_2(dim)
+    block_tail = next_power_of_2(dim - block_d) if dim > block_d else 0
+    width = block_d + block_tail
+    target, per_thread = (2048, 8) if backward else (4096, 16)
+    block_m = min(prev_power_of_2(max(target // width, 1)), 16, next_power_of_2(tokens))
+    while programs is not None and block_m > 1 and programs(block_m) < FWD_MIN_PROGRAMS:
+        block_m //= 2
+    num_warps = prev_power_of_2(max(block_m * width // (32 * per_thread), 1))
+    if backward:
+        num_warps = max(num_warps, next_power_of_2(-(-width // (32 * BWD_COLS_PER_THREAD))))
+    return RowConfig(block_m, block_d, block_tail, min(num_warps, 8))
+
+
+def bwd_rows_per_program(batch: int, tokens: int) -> int:
+    """Tokens each backward program walks where no SM count is known, so that about ``BWD_TARGET_PROGRAMS`` run.
+
+    More rows per program means fewer fp32 partial sums to write and reduce, fewer means more parallelism.
+    """
+    rows = next_power_of_2(-(-batch * tokens // BWD_TARGET_PROGRAMS))
+    return max(1, min(rows, 128, next_power_of_2(tokens)))
+
+
+def check_row_dim(dim: int) -> None:
+    """ValueError for rows wider than the row kernels hold in registers."""
+    if dim > MAX_FUSED_DIM:
+        raise ValueError(f"hidden size {dim} exceeds the fused kernels' limit of {MAX_FUSED_DIM}; "
+                         "use the <op>_ref functions")
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of ``device`` when it is a visible CUDA GPU, else None (cached per device)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def forward_config(B: int, T: int, D: int) -> RowConfig:
+    """The forward's launch configuration for (B, T, D) inputs (tiles shrink until enough programs run)."""
+    return row_config(D, T, programs=lambda block_m: B * -(-T // block_m))
+
+
+def backward_partition(B: int, T: int, D: int, sm_count: int | None = None) -> tuple[RowConfig, int]:
+    """The backward's ``(config, token blocks per batch element)`` for (B, T, D) inputs; ``B * blocks`` programs.
+
+    Program ``j`` of batch element ``b`` walks tokens ``[j * T // blocks, (j + 1) * T // blocks)`` (block sizes differ
+    by at most one). With ``sm_count`` (a GPU's SMs) the grid is a whole multiple of it, near ``BWD_PROGRAMS_PER_SM``
+    per SM: blocks is a multiple of ``sm_count / gcd(B, sm_count)``, so every wave of the grid is full. Without (or
+    when T is too short for such a multiple), a power-of-two partition aiming at ``BWD_TARGET_PROGRAMS`` programs.
+    The partition fixes the order of the fp32 partial sums: gradients are bitwise reproducible for given shapes and
+    SM count (so on one GPU model), and may differ in the last bits between GPUs with different SM counts.
+    """
+    config = row_config(D, T, backward=True)
+    if sm_count is not None:
+        unit = sm_count // math.gcd(B, sm_count)  # fewest blocks per batch element making B * blocks whole waves
+        if unit <= T:
+            multiple = max(1, round(BWD_PROGRAMS_PER_SM * sm_count / (B * unit)))
+            return config, unit * min(multiple, T // unit)
+    rows = max(bwd_rows_per_program(B, T), config.block_m)
+    return config, -(-T // rows)
+
 
 # Forward: one program per (batch element b, tile of BLOCK_M tokens of b); every row held in registers as two tiles:
 #   head: columns [0, BLOCK_D), BLOCK_D = the largest power of two <= D (never masked),
@@ -111,23 +227,24 @@ def _row_fwd_kernel(
         tl.store(rstd_ptr + row, rstd, mask=rmask)
 
 
-# Backward: one program per (batch element b, block of ROWS tokens of b), walking its rows BLOCK_M at a time (the
-# same head/tail tiles as the forward). z is the normalised input (x, or the forward's rounded r), zhat = (z - mean)
-# * rstd, g = dout * (1 + scale[b]):
+# Backward: one program per (batch element b, block of ~T / n_blocks tokens of b), walking its rows BLOCK_M at a time
+# (the same head/tail tiles as the forward). z is the normalised input (x, or the forward's rounded r),
+# zhat = (z - mean) * rstd, g = dout * (1 + scale[b]):
 #   HAS_NORM:     d = rstd * (g - mean_D(g) - zhat * mean_D(g * zhat)) (+ dr if HAS_DR), stored as dz;
 #                 dshift[b] = sum_t dout,  dscale[b] = sum_t dout * zhat
 #   else:         d = dr (the gated residual alone: its dx is dr itself, nothing stored)
 #   HAS_RESIDUAL: dy = gate[b] * d (stored),  dgate[b] = sum_t d * y
 # The token sums are fp32 partial rows, one per program ((B, n_blocks, D) buffers), summed over blocks by the
-# launcher: no atomics, a partition fixed by the shapes (BWD_TARGET_PROGRAMS), so gradients are bitwise deterministic.
-# Tiles are ~2048 elements (8 per thread): the fp32 partial-sum rows and gate/scale rows stay live across the loop.
+# launcher: no atomics, a partition fixed by the shapes and the SM count (backward_partition), so gradients are bitwise
+# deterministic. Tiles are ~2048 elements (8 per thread) and the fp32 partial-sum rows and gate/scale rows, live across
+# the loop, at most BWD_COLS_PER_THREAD columns per thread (8 warps at D = 1152).
 
 
 @triton_kernel
 def _row_bwd_kernel(
     dr_ptr, dout_ptr, z_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
     dz_ptr, dy_ptr, dgate_part_ptr, dshift_part_ptr, dscale_part_ptr,
-    T, D, ROWS, n_blocks,
+    T, D, n_blocks,
     stride_drb, stride_drt,
     stride_dob, stride_dot,
     stride_zb, stride_zt,
@@ -140,8 +257,9 @@ def _row_bwd_kernel(
     pid = tl.program_id(0)  # b * n_blocks + token block
     b = pid // n_blocks
     b64 = b.to(tl.int64)
-    t_start = (pid % n_blocks) * ROWS
-    t_end = tl.minimum(t_start + ROWS, T)
+    block = pid % n_blocks
+    t_start = block * T // n_blocks
+    t_end = (block + 1) * T // n_blocks
     offs = tl.arange(0, BLOCK_D)
     cols = offs[None, :]
     if BLOCK_TAIL > 0:
@@ -233,18 +351,6 @@ def _strides(t: torch.Tensor | None, dims: tuple[int, int] = (0, 1)) -> tuple[in
     return (0, 0) if t is None else (t.stride(dims[0]), t.stride(dims[1]))
 
 
-def forward_config(B: int, T: int, D: int) -> RowConfig:
-    """The forward's launch configuration for (B, T, D) inputs (tiles shrink until enough programs run)."""
-    return row_config(D, T, programs=lambda block_m: B * -(-T // block_m))
-
-
-def backward_partition(B: int, T: int, D: int) -> tuple[RowConfig, int, int]:
-    """The backward's ``(config, ROWS tokens per program, token blocks per batch element)`` for (B, T, D) inputs."""
-    config = row_config(D, T, backward=True)
-    rows = max(bwd_rows_per_program(B, T), config.block_m)
-    return config, rows, -(-T // rows)
-
-
 def row_forward(
     x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor | None, shift: torch.Tensor | None,
     scale: torch.Tensor | None, eps: float,
@@ -300,7 +406,7 @@ def row_backward(
     y = last_dim_contiguous(y) if has_residual else None
     dz = torch.empty((B, T, D), dtype=z.dtype, device=device) if has_norm else None
     dy = torch.empty((B, T, D), dtype=y.dtype, device=device) if has_residual else None
-    config, rows, n_blocks = backward_partition(B, T, D)
+    config, n_blocks = backward_partition(B, T, D, device_sm_count(device))
 
     def partials(flag: bool) -> torch.Tensor | None:
         return torch.empty((B, n_blocks, D), dtype=torch.float32, device=device) if flag else None
@@ -311,7 +417,7 @@ def row_backward(
         _row_bwd_kernel[(B * n_blocks,)](
             *(any_ptr if t is None else t for t in (grad_r, grad_out, z, y, gate, scale, mean, rstd, dz, dy,
                                                      dgate_part, dshift_part, dscale_part)),
-            T, D, rows, n_blocks,
+            T, D, n_blocks,
             *_strides(grad_r), *_strides(grad_out), *_strides(z), *_strides(y), *_strides(gate), *_strides(scale),
             HAS_DR=has_dr, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual, **config.meta,
         )

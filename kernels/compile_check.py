@@ -5,8 +5,9 @@ out as DiT passes them (DiT-XL/2 shapes at 256 px, batch 32, adaLN chunks as str
 launches captured instead of run. Triton's own JIT binder then specialises each launch for the target exactly as a
 launch on that GPU would (pointer dtypes, 16-byte divisibility of pointers and integers, integers equal to 1 folded
 into constants, the launcher's constexprs and ``num_warps``), and ``triton.compile`` builds it down to a cubin. One
-line per build gives the resources ptxas assigned (registers, spills to local memory, stack, shared memory), read
-from the cubin with the ``cuobjdump`` that ships with Triton. Exits 1 if any build fails.
+line per build gives the warps per program (the compiled kernel's metadata) and the resources ptxas assigned
+(registers per thread, spills to local memory, stack, shared memory), read from the cubin with the ``cuobjdump``
+that ships with Triton. Exits 1 if any build fails.
 
 Dtypes: ``fp32``, ``fp16``, ``bf16`` (everything in one dtype) and ``fp32/bf16``, ``fp32/fp16`` (autocast: an fp32
 residual stream with the branch, gate, shift and scale in the lower precision; row ops only, the patch ops never mix).
@@ -92,26 +93,37 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(zip(("regs", "stack", "shared", "local"), map(int, match.groups()), strict=True))
 
 
-def compile_launch(launch: Launch, arch: int) -> str:
-    """Compile one launch for ``sm_<arch>``; returns the resource summary (raises on a compile error)."""
+def build(launch: Launch, arch: int) -> dict[str, int]:
+    """Compile one launch for ``sm_<arch>`` (raises on a compile error); returns what the build occupies per program:
+    ``num_warps`` (the compiled kernel's metadata), ``shared`` bytes, and where cuobjdump is available ``regs`` per
+    thread, ``local`` (spill) and ``stack`` bytes."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     src, options = specialise(launch, arch)
     with language_flavour(interpreted=False):
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    usage = resource_usage(compiled.asm["cubin"])
-    shared = getattr(compiled.metadata, "shared", None)
-    if not usage:
-        return f"shared={shared} B (cuobjdump unavailable: registers/spills not read)"
-    return (f"regs={usage['regs']:3d} spill(local)={usage['local']} B stack={usage['stack']} B "
-            f"shared={shared} B")
+    metadata = compiled.metadata
+    return {"num_warps": metadata.num_warps, "shared": metadata.shared, **resource_usage(compiled.asm["cubin"])}
+
+
+def summary(usage: dict[str, int]) -> str:
+    """One build's resources as compile_check prints them, e.g. ``warps=8 regs= 72 spill(local)=0 B ...``."""
+    head = f"warps={usage['num_warps']} "
+    if "regs" not in usage:
+        return head + f"shared={usage['shared']} B (cuobjdump unavailable: registers/spills not read)"
+    return (head + f"regs={usage['regs']:3d} spill(local)={usage['local']} B stack={usage['stack']} B "
+            f"shared={usage['shared']} B")
+
+
+def compile_launch(launch: Launch, arch: int) -> str:
+    """Compile one launch for ``sm_<arch>``; returns the resource summary (raises on a compile error)."""
+    return summary(build(launch, arch))
 
 
 def describe(launch: Launch) -> str:
-    """The launch's constexpr keywords and ``num_warps``, e.g. ``HAS_NORM=True BLOCK_M=2 ... warps=4``."""
-    meta = {k: v for k, v in launch.meta.items() if k != "num_warps"}
-    return " ".join(f"{k}={v}" for k, v in meta.items()) + f" warps={launch.meta.get('num_warps', 4)}"
+    """The launch's constexpr keywords, e.g. ``HAS_NORM=True BLOCK_M=2 ...`` (the warps come with the build)."""
+    return " ".join(f"{k}={v}" for k, v in launch.meta.items() if k != "num_warps")
 
 
 def run(ops: Sequence[str], dtypes: Sequence[str], archs: Sequence[int], dims: Sequence[int]) -> int:

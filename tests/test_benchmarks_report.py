@@ -173,30 +173,36 @@ def _dry_run_plan(tmp_path, *args: str, **env: str) -> tuple[list[tuple[str, int
 
 
 def test_gpu_check_dry_run_fits_the_one_shot_in_order(tmp_path):
-    """The plan fits a lent GPU machine's one shot (<= 420 s of step limits) and runs the levels in order."""
+    """The plan fits a lent GPU machine's one shot (<= 420 s of step limits, set-up included) and runs the levels in
+    order; every CUDA test file is in the tests step; every compile is regional."""
     subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
     plan, stdout = _dry_run_plan(tmp_path, "--dry-run")
     steps = [name for name, _, _ in plan]
     total = sum(limit for _, limit, _ in plan)
     assert total <= 420, plan
     assert f"plan total: {total}s" in stdout
-    assert steps == ["env", "tests", "bench forward", "bench train", "bench kernels", "bench sampling", "traffic",
+    assert steps == ["setup", "env", "tests", "bench forward", "bench train", "bench kernels", "bench sampling", "fp8",
                      "report"]
-    assert not any("compile_check" in cmd or "pip install" in cmd for _, _, cmd in plan)  # no GPU needed: CI runs it
+    assert not any("compile_check" in cmd for _, _, cmd in plan)  # no GPU needed: CI runs it
     commands = dict((name, cmd) for name, _, cmd in plan)
-    assert all(cmd.startswith("python-for-test ") for cmd in commands.values())
+    assert commands["setup"].startswith("bash ") and commands["setup"].endswith(" python-for-test")
+    assert all(cmd.startswith("python-for-test ") for name, cmd in commands.items() if name not in ("setup", "report"))
     tests = commands["tests"].split()
     test_files = [word for word in tests if word.startswith("tests/")]
     assert test_files and all(word.endswith(".py") and (ROOT / word).is_file() for word in test_files)
+    cuda_files = {str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob("test_*.py")
+                  if re.search(r"^def test_cuda", path.read_text(), re.MULTILINE)}
+    assert cuda_files <= set(test_files), cuda_files - set(test_files)
     for level in ("forward", "train", "kernels", "sampling"):
         assert "--dit-device cuda" in commands[f"bench {level}"] and f"{level}.json" in commands[f"bench {level}"]
     assert "test_bench_attention.py" in commands["bench kernels"]
-    assert "--json " + str(tmp_path / "out" / "traffic.json") in commands["traffic"]
+    assert "--json " + str(tmp_path / "out" / "fp8.json") in commands["fp8"]
     # the environment variable spelling of the dry run plans the same steps
     assert [name for name, _, _ in _dry_run_plan(tmp_path, GPU_CHECK_DRY_RUN="1")[0]] == steps
     # a smaller budget caps the later steps, never exceeding it
     small, _ = _dry_run_plan(tmp_path, "--dry-run", GPU_CHECK_BUDGET="100")
-    assert sum(limit for _, limit, _ in small) <= 100 and [n for n, _, _ in small][:2] == ["env", "tests"]
+    assert sum(limit for _, limit, _ in small) <= 100 and [n for n, _, _ in small][:3] == ["setup", "env", "tests"]
+    assert [n for n, _, _ in _dry_run_plan(tmp_path, "--dry-run", GPU_CHECK_SETUP="0")[0]][0] == "env"
 
 
 def test_tiny_real_run_writes_json_and_report(tmp_path):

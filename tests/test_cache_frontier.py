@@ -33,3 +33,15 @@ def test_frontier_writes_table_json_and_rerenders(tmp_path):
     assert out.with_suffix(".md").read_text() == table
     with pytest.raises(SystemExit):
         main(["--ckpt", str(tmp_path / "tiny"), "--samplers", "euler-5"])
+
+
+def test_frontier_through_a_diffusers_pipeline(tmp_path):
+    pytest.importorskip("diffusers", reason="--pipeline samples through diffusers' DiTPipeline")
+    save_checkpoint(tiny_dit(), tmp_path / "tiny")
+    out = tmp_path / "frontier"
+    assert main(["--ckpt", str(tmp_path / "tiny"), "--pipeline", "--samples", "10", "--samplers", "dpm++-4",
+                 "--policies", "fora:2", "--min-time", "0", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["cfg_scale"], r["policy"], r["full_evals"], r["cached_steps"]) for r in rows] == [
+        (1.0, "none", 4, 0), (1.0, "fora:2", 2, 2)]  # unguided only: DiTPipeline's null class is 1000
+    assert "DiTPipeline" in out.with_suffix(".md").read_text()

@@ -139,5 +139,5 @@ def test_cuda_graph_sampling_matches_eager():
     fresh = _tiny().cuda()
     x, t, y = torch.randn(4, 1, 8, 8, device="cuda"), torch.full((4,), 500, device="cuda"), torch.arange(4).cuda()
     fresh.cuda_graph(x, t, y, cfg_scale=2.0)
-    assert fresh._modulation_cache is None  # the warm-up ran the captured (per-block modulation) path
+    assert not fresh._stack_cache  # the warm-up ran the captured (per-block modulation) path
 

@@ -15,7 +15,7 @@ from tests.helpers import ROOT
 
 PACKAGE = ROOT / "dit_fast"
 # What a function may import: heavy or optional third-party packages, imported only when a feature needs them.
-DEFERRED = {"diffusers", "matplotlib", "sklearn", "scipy", "xformers", "flash_attn", "triton"}
+DEFERRED = {"diffusers", "matplotlib", "sklearn", "scipy", "xformers", "flash_attn", "triton", "torchao"}
 
 
 def _modules() -> dict[str, Path]:

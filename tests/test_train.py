@@ -233,8 +233,10 @@ def test_resume_with_another_config_fails(tmp_path):
 def test_gradient_checkpointing_and_clipping_change_nothing_but_memory(tmp_path):
     base = ["train", *TINY, "--max-steps", "2", "--global-batch-size", "8"]
     assert cli_main([*base, "--results-dir", str(tmp_path / "plain")]) == 0
-    assert cli_main([*base, "--results-dir", str(tmp_path / "ckpt"), "--grad-checkpointing"]) == 0
+    assert cli_main([*base, "--results-dir", str(tmp_path / "ckpt"), "--grad-checkpointing"]) == 0  # bare: full
     _assert_same_state(_final(tmp_path / "plain"), _final(tmp_path / "ckpt"), atol=1e-6)
+    assert cli_main([*base, "--results-dir", str(tmp_path / "sel"), "--grad-checkpointing", "selective"]) == 0
+    _assert_same_state(_final(tmp_path / "plain"), _final(tmp_path / "sel"), atol=1e-6)
     assert cli_main([*base, "--results-dir", str(tmp_path / "clip"), "--max-grad-norm", "1e-3"]) == 0
     clipped, plain = _final(tmp_path / "clip"), _final(tmp_path / "plain")
     assert any(not torch.equal(clipped["model"][k], plain["model"][k]) for k in plain["model"])

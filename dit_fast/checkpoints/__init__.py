@@ -14,6 +14,7 @@ from dit_fast.checkpoints.diffusers_layout import (
     from_diffusers_state_dict,
     to_diffusers_config,
     to_diffusers_state_dict,
+    with_diffusers_conditioning,
 )
 from dit_fast.checkpoints.format import FORMAT_VERSION, FORMATS, Checkpoint, CheckpointError
 from dit_fast.checkpoints.infer import check_state_dict, expected_shapes, infer_config
@@ -29,4 +30,5 @@ from dit_fast.checkpoints.write import convert, save_checkpoint, save_diffusers,
 __all__ = ["FORMATS", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "check_finite_weights", "check_state_dict",
            "config_from_diffusers", "convert", "describe_load_error", "expected_shapes", "from_diffusers_state_dict",
            "infer_config", "load_checkpoint", "model_from_checkpoint", "read_checkpoint", "save_checkpoint",
-           "save_diffusers", "save_official", "to_diffusers_config", "to_diffusers_state_dict", "write_checkpoint"]
+           "save_diffusers", "save_official", "to_diffusers_config", "to_diffusers_state_dict",
+           "with_diffusers_conditioning", "write_checkpoint"]

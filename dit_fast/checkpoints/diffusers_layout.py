@@ -2,8 +2,10 @@
 
 diffusers copies the timestep and label embedders into every block (``transformer_blocks.{i}.norm1.emb``), splits
 qkv into ``attn1.to_q/to_k/to_v``, names the final adaLN ``proj_out_1`` and the final linear ``proj_out_2``, and
-does not store ``pos_embed`` (it recomputes the same sin-cos table). Converting from diffusers checks that the
-per-block embedder copies are identical. diffusers itself is not needed to convert.
+does not store ``pos_embed`` (it recomputes the same sin-cos table). Identical per-block embedder copies (every
+released checkpoint) convert to the shared pair; copies that differ (a DiT built or trained in diffusers) convert
+exactly to a per-block-conditioned model (``DiTConfig.per_block_conditioning``), embedder i <-> block i's copy.
+diffusers itself is not needed to convert.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def config_from_diffusers(meta: Mapping[str, Any], numerics: str = "official",
 
 
 def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: DiTConfig) -> StateDict:
-    """Official layout -> diffusers ``DiTTransformer2DModel`` layout (embedders copied into every block).
+    """Official layout -> diffusers ``DiTTransformer2DModel`` layout: the shared embedders copied into every block,
+    or with ``config.per_block_conditioning`` embedder i (``t_embedder.{i}``, ``y_embedder.{i}``) into block i.
 
     ``pos_embed`` is dropped (diffusers recomputes the table). Every output tensor owns its storage, so the result
     can be saved with safetensors.
@@ -168,8 +171,22 @@ def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: DiTC
             for name, part in zip(_QKV, state_dict[f"{src}attn.qkv.{kind}"].chunk(3, dim=0), strict=True):
                 out[f"{dst}attn1.{name}.{kind}"] = part
         for ok, dk in _EMBEDDER_KEYS.items():
-            out[f"{dst}norm1.emb.{dk}"] = state_dict[ok]
+            out[f"{dst}norm1.emb.{dk}"] = state_dict[_embedder_key(ok, i, config)]
     return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _embedder_key(official: str, block: int, config: DiTConfig) -> str:
+    """``t_embedder.mlp.0.weight`` -> itself (shared), or ``t_embedder.{block}.mlp.0.weight`` (per block)."""
+    if not config.per_block_conditioning:
+        return official
+    module, _, rest = official.partition(".")
+    return f"{module}.{block}.{rest}"
+
+
+def with_diffusers_conditioning(state_dict: Mapping[str, torch.Tensor], config: DiTConfig) -> DiTConfig:
+    """``config`` with the conditioning layout of diffusers weights: shared when every block's embedder copy is
+    bitwise block 0's (every released checkpoint), per block when any differs (built or trained in diffusers)."""
+    return config.replace(per_block_conditioning=bool(_diverged_embedder_blocks(state_dict, config.depth)))
 
 
 def from_diffusers_state_dict(
@@ -180,27 +197,30 @@ def from_diffusers_state_dict(
 ) -> tuple[StateDict, list[str]]:
     """diffusers layout -> official layout (pos_embed regenerated); returns (state dict, notes).
 
-    Every missing/unexpected/mis-shaped diffusers key is listed in one error. The per-block embedder copies must be
-    identical; when they differ ``embedder_mismatch="error"`` raises, naming the blocks, and ``"warn"`` warns and
-    keeps block 0's (the copy diffusers' final layer uses).
+    Every missing/unexpected/mis-shaped diffusers key is listed in one error. With ``config.per_block_conditioning``
+    block i's embedder copy becomes embedder i, exactly (``with_diffusers_conditioning`` picks the layout).
+    Otherwise the copies must be identical; when they differ ``embedder_mismatch="warn"`` warns and keeps block 0's
+    (the copy diffusers' final layer uses), anything else raises, naming the blocks.
     """
     expected = {k: v.shape for k, v in to_diffusers_state_dict(meta_tensors(config), config).items()}
     check_keys(state_dict, expected, f"{source} does not fit a diffusers DiT with {describe_config(config)}")
-    notes = []
-    diverged = _diverged_embedder_blocks(state_dict, config.depth)
+    notes = ["pos_embed regenerated (the fixed sin-cos table; diffusers does not store it)"]
+    diverged = [] if config.per_block_conditioning else _diverged_embedder_blocks(state_dict, config.depth)
     if diverged:
         detail = ", ".join(f"block {i} (max |diff| {d:.3g})" for i, d in diverged)
         message = (f"{source}: the per-block copies of the timestep/label embedders differ from block 0's in "
                    f"{detail}; a DiT has one shared embedder, so this model (fine-tuned in diffusers?) cannot be "
                    "converted exactly")
-        if embedder_mismatch == "error":
-            raise CheckpointError(message + "; pass embedder_mismatch='warn' (--allow-embedder-mismatch) to keep "
-                                            "block 0's copy, the one diffusers' final layer uses")
+        if embedder_mismatch != "warn":
+            raise CheckpointError(message + "; convert with per_block_conditioning (embedder_mismatch='per-block', "
+                                            "the default of read_checkpoint) to keep every copy, or pass "
+                                            "embedder_mismatch='warn' (--allow-embedder-mismatch) to keep block 0's")
         warnings.warn(message + "; keeping block 0's copy", stacklevel=2)
         notes.append(f"embedder copies differ in blocks {[i for i, _ in diverged]}; kept block 0's")
     out: StateDict = {ok: state_dict[dk] for ok, dk in _GLOBAL_KEYS.items()}
-    for ok, dk in _EMBEDDER_KEYS.items():
-        out[ok] = state_dict[f"transformer_blocks.0.norm1.emb.{dk}"]
+    for i in range(config.depth if config.per_block_conditioning else 1):  # block 0's copy is the shared pair
+        for ok, dk in _EMBEDDER_KEYS.items():
+            out[_embedder_key(ok, i, config)] = state_dict[f"transformer_blocks.{i}.norm1.emb.{dk}"]
     for i in range(config.depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
         for ok, dk in _BLOCK_KEYS.items():
@@ -209,7 +229,6 @@ def from_diffusers_state_dict(
             out[f"{dst}attn.qkv.{kind}"] = torch.cat([state_dict[f"{src}attn1.{n}.{kind}"] for n in _QKV], dim=0)
     dtype = out["x_embedder.proj.weight"].dtype
     out["pos_embed"] = sincos_pos_embed_2d(config.hidden_size, config.grid_size)[None].to(dtype)  # (1, T, D)
-    notes.append("pos_embed regenerated (the fixed sin-cos table; diffusers does not store it)")
     return out, notes
 
 

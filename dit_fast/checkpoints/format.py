@@ -14,7 +14,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMATS = ("dit-fast", "official", "diffusers")
-EMBEDDER_MISMATCH = ("error", "warn")
+EMBEDDER_MISMATCH = ("per-block", "warn", "error")
 
 DOWNLOAD_HINT = (
     "dit-fast never downloads weights; get them first:\n"

@@ -35,6 +35,7 @@ from dit_fast.checkpoints.diffusers_layout import (
     DIFFUSERS_WEIGHTS_NAME,
     config_from_diffusers,
     from_diffusers_state_dict,
+    with_diffusers_conditioning,
 )
 from dit_fast.checkpoints.format import (
     CONFIG_NAME,
@@ -122,15 +123,16 @@ def read_checkpoint(
     num_classes: int | None = None,
     class_dropout_prob: float | None = None,
     use_model_weights: bool = False,
-    embedder_mismatch: str = "error",
+    embedder_mismatch: str = "per-block",
 ) -> Checkpoint:
     """Read any supported checkpoint into official-layout weights plus a config, checked against each other.
 
     Overrides (``model_name``, ``num_heads``, ``input_size``, ``num_classes``, ``class_dropout_prob``) fill in what
     the file cannot say (see the module docstring); for formats that store a config they must agree with it.
     ``numerics`` ("official" | "diffusers") overrides the numerics. ``use_model_weights`` takes a train.py
-    checkpoint's ``model`` weights instead of ``ema``. ``embedder_mismatch`` ("error" | "warn") is what to do when a
-    diffusers model's per-block embedder copies differ ("warn" keeps block 0's, which diffusers' final layer uses).
+    checkpoint's ``model`` weights instead of ``ema``. ``embedder_mismatch`` is what to do when a diffusers model's
+    per-block embedder copies differ: "per-block" (default) converts exactly to a per-block-conditioned model, "warn"
+    keeps block 0's copy (the one diffusers' final layer uses; lossy), "error" raises.
     """
     if numerics is not None and numerics not in NUMERICS:
         raise ValueError(f"numerics={numerics!r} must be one of {NUMERICS}")
@@ -367,6 +369,8 @@ def _read_diffusers(folder: Path, meta: dict[str, Any], hints: Hints, embedder_m
         notes.append("numerics: official (the default; pass numerics='diffusers' to reproduce diffusers' own forward: "
                      "timestep divisor 127, MLP-norm eps 1e-5)")
     diffusers_sd = _read_diffusers_weights(folder)
+    if embedder_mismatch == "per-block":
+        config = with_diffusers_conditioning(diffusers_sd, config)
     state_dict, mapped = from_diffusers_state_dict(diffusers_sd, config, embedder_mismatch=embedder_mismatch,
                                                    source=str(folder))
     notes.extend(mapped)

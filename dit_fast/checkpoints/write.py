@@ -67,7 +67,10 @@ def save_official(source: Source, path: str | os.PathLike, *, config: DiTConfig 
 
     The official format stores no config: loading it back infers one (pass ``num_heads`` for non-zoo shapes).
     """
-    state_dict, _ = _weights_and_config(source, config)
+    state_dict, config = _weights_and_config(source, config)
+    if config.per_block_conditioning:
+        raise CheckpointError("the official layout has one shared timestep/label embedder, this model one per block "
+                              "(per_block_conditioning): save it in the dit-fast or diffusers format")
     path = Path(path)
     atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
     return path

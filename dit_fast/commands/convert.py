@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-model-weights", action="store_true",
                         help="train.py checkpoints: take 'model' instead of 'ema'")
     parser.add_argument("--allow-embedder-mismatch", action="store_true",
-                        help="diffusers input: warn (keep block 0's) instead of failing when per-block embedder "
-                             "copies differ")
+                        help="diffusers input whose per-block embedder copies differ: keep block 0's (lossy, one "
+                             "shared pair as the official layout) instead of one embedder per block")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     ckpt = convert(
         args.src, dst, args.to, numerics=args.numerics, model_name=args.model, num_heads=args.num_heads,
         input_size=args.input_size, num_classes=args.num_classes, use_model_weights=args.use_model_weights,
-        embedder_mismatch="warn" if args.allow_embedder_mismatch else "error",
+        embedder_mismatch="warn" if args.allow_embedder_mismatch else "per-block",
     )
     print(ckpt.summary())
     print(f"wrote {dst} (format: {args.to})")

@@ -31,6 +31,7 @@ from dit_fast.commands.arguments import argument_type, float_arg, int_arg, non_n
 from dit_fast.kernels.registry import check_environment as check_kernels_environment
 from dit_fast.models.attention import check_environment as check_attention_environment
 from dit_fast.models.config import DiTConfig
+from dit_fast.models.fp8 import enable_fp8, fp8_unavailable_reason
 from dit_fast.models.vae import VAE
 from dit_fast.reference import check_labels
 from dit_fast.sampling.generate import DIFFUSION_STEPS, SAMPLERS, generate, load_model
@@ -77,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 (torchao float8 rowwise) for the blocks' linears; Ada/Hopper GPUs, needs torchao")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="CUDA only, DiTFast only: capture the network once per batch shape as a CUDA graph and "
                              "replay it every step")
@@ -132,6 +135,9 @@ def start_processes(args: argparse.Namespace) -> Dist:
     if args.cuda_graph and d.device.type != "cuda":
         cleanup(d)
         raise UserError(f"--cuda-graph needs a CUDA device, sampling runs on {d.device}")
+    if args.fp8 and (reason := fp8_unavailable_reason(d.device)) is not None:
+        cleanup(d)
+        raise UserError(reason)
     if args.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(args.threads)
     return d
@@ -155,6 +161,8 @@ def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, V
         space = "latents decoded by the VAE" if vae is not None else "pixel space"
         raise UserError(f"--image-size {args.image_size} does not match the checkpoint, which makes {side}x{side} "
                         f"images ({space}); drop --image-size or pass {side}")
+    if args.fp8:
+        enable_fp8(model)
     if args.compile:
         model.compile()
     return model, vae, description

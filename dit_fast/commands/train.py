@@ -14,6 +14,7 @@ import torch
 from dit_fast.commands.arguments import argument_type
 from dit_fast.kernels.registry import check_environment as check_kernels_environment
 from dit_fast.models.attention import check_environment as check_attention_environment
+from dit_fast.models.fp8 import fp8_unavailable_reason
 from dit_fast.training.config import TrainConfig
 from dit_fast.training.trainer import Trainer, evaluate_digits_run
 from dit_fast.utils.distributed import cleanup, setup_distributed
@@ -53,6 +54,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if cfg.threads is not None and d.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    if cfg.fp8 and (reason := fp8_unavailable_reason(d.device)) is not None:
+        cleanup(d)
+        raise UserError(reason)  # before the data and the model are built
     trainer = None
     try:
         trainer = Trainer(requested, d)

@@ -18,7 +18,9 @@ class DiTConfig:
     ``input_size`` is the latent side (``image_size // 8`` for the SD VAE), an int or ``(height, width)``.
     ``numerics`` selects the two constants in which diffusers' port differs from the official code:
     "official" (timestep frequencies ``exp(-ln(1e4) * i / 128)``, MLP-branch LayerNorm eps 1e-6) or
-    "diffusers" (divisor 127, eps 1e-5).
+    "diffusers" (divisor 127, eps 1e-5). ``per_block_conditioning`` gives every block its own timestep and label
+    embedder (``t_embedder.{i}``, ``y_embedder.{i}``; the final layer uses block 0's), the layout of a DiT built or
+    trained in diffusers, whose copies differ; False (the default) is the paper's one shared pair.
     """
 
     input_size: int | tuple[int, int] = 32
@@ -32,6 +34,7 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     numerics: str = "official"
+    per_block_conditioning: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, list):
@@ -143,7 +146,7 @@ def gflops(model: Any, input_size: int | tuple[int, int] | None = None) -> float
         cfg = cfg.replace(input_size=input_size)
     d, t, p = cfg.hidden_size, cfg.num_tokens, cfg.patch_size
     patch_embed = t * (cfg.in_channels * p * p) * d
-    t_embed = 256 * d + d * d
+    t_embed = (256 * d + d * d) * (cfg.depth if cfg.per_block_conditioning else 1)
     per_block = (
         6 * d * d  # adaLN-Zero modulation (once per image)
         + t * 3 * d * d  # fused qkv
@@ -165,8 +168,9 @@ def param_count(model: Any) -> int:
     d, p = cfg.hidden_size, cfg.patch_size
     linear = lambda i, o: i * o + o  # noqa: E731
     patch_embed = cfg.in_channels * p * p * d + d
-    t_embed = linear(256, d) + linear(d, d)
-    y_embed = (cfg.num_classes + int(cfg.class_dropout_prob > 0)) * d
+    embedders = cfg.depth if cfg.per_block_conditioning else 1
+    t_embed = (linear(256, d) + linear(d, d)) * embedders
+    y_embed = (cfg.num_classes + int(cfg.class_dropout_prob > 0)) * d * embedders
     block = linear(d, 3 * d) + linear(d, d) + linear(d, cfg.mlp_hidden) + linear(cfg.mlp_hidden, d) + linear(d, 6 * d)
     final = linear(d, 2 * d) + linear(d, p * p * cfg.out_channels)
     return patch_embed + t_embed + y_embed + cfg.depth * block + final

@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dit_fast import kernels as K
 from dit_fast import reference
 from dit_fast.diffusion.guidance import guided_forward
 from dit_fast.kernels.registry import KERNELS, KernelOps, require_kernels, resolve_kernels
 from dit_fast.models.attention import attention, require_backend
+from dit_fast.models.checkpointing import run_block
 from dit_fast.models.onednn import fused_linear
-from dit_fast.reference import DiT, model_constructors, timestep_embedding
+from dit_fast.reference import DiT, label_drop_ids, model_constructors, timestep_embedding
 
 
 def _autocasting(device_type: str) -> bool:
@@ -94,7 +94,8 @@ class Mlp(reference.Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1 = self.fc1
-        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)):
+        if (x.is_cuda and type(fc1) is torch.nn.Linear  # not an FP8 linear (dit_fast.models.fp8)
+                and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad))):
             h = K.linear_gelu(x, fc1.weight, fc1.bias)  # (N, T, 4D)
         else:
             h = fused_linear(x, fc1, gelu=True)  # (N, T, 4D)
@@ -175,7 +176,9 @@ class DiTFast(DiT):
     Args (beyond the reference's):
         kernels: "auto", "triton" or "torch" (see the module docstring).
         attention: "auto" or a ``dit_fast.models.attention.BACKENDS`` name ("flash_attn", "sdpa", "math", ...).
-        gradient_checkpointing: recompute each block in the backward (also settable as an attribute).
+        gradient_checkpointing: "none" (False), "full" (True: recompute each block in the backward) or
+            "selective" (keep the GEMM and attention outputs, recompute the rest; ``dit_fast.models.checkpointing``);
+            also settable as an attribute.
 
     Precision: run in fp32 (on CUDA, TF32 matmuls are the user's switch: ``torch.backends.cuda.matmul.allow_tf32 =
     True``), in bf16/fp16 (``model.to(torch.bfloat16)``) or under ``torch.autocast``; conditioning and norm
@@ -205,16 +208,18 @@ class DiTFast(DiT):
         learn_sigma: bool = True,
         *,
         numerics: str = "official",
+        per_block_conditioning: bool = False,
         kernels: str = "auto",
         attention: str = "auto",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
     ):
         super().__init__(
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
-            num_classes, learn_sigma, numerics=numerics,
+            num_classes, learn_sigma, numerics=numerics, per_block_conditioning=per_block_conditioning,
         )
         self.gradient_checkpointing = gradient_checkpointing
-        self._modulation_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
+        # name -> (key of the source parameters, stacked tensors): the inference paths' stacked weights
+        self._stack_cache: dict[str, tuple[tuple[Any, ...], list[torch.Tensor]]] = {}
         self._capturing = False  # set by cuda_graph(): its warm-up and capture take the graph-safe path
         self.kernels = "auto"
         self.attention = "auto"
@@ -267,18 +272,20 @@ class DiTFast(DiT):
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Tokens (N, T, D), timesteps (N,), labels (N,) -> model output (N, out_channels, H, W)."""
-        c = self.t_embedder(t) + self.y_embedder(y, self.training).float()  # (N, D), fp32
-        silu_c = F.silu(c).to(self._adaln_dtype(x))  # (N, D), cast once for every block's adaLN
+        c = self.conditioning(t, y)  # (N, D), or (depth, N, D) per block; fp32
+        silu_c = F.silu(c).to(self._adaln_dtype(x))  # cast once for every block's adaLN
         mods = self._batched_modulation(silu_c)  # (depth, N, 6D) or None
+        per_block = silu_c.dim() == 3
         gate = branch = None
         for i, block in enumerate(self.blocks):
             mod = None if mods is None else mods[i]
+            silu_c_i = silu_c[i] if per_block else silu_c  # (N, D)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, gate, branch = checkpoint(block, x, silu_c, gate, branch, mod, use_reentrant=False)
+                x, gate, branch = run_block(block, self.gradient_checkpointing, x, silu_c_i, gate, branch, mod)
             else:
-                x, gate, branch = block(x, silu_c, gate, branch, mod)  # (N, T, D), (N, D), (N, T, D)
+                x, gate, branch = block(x, silu_c_i, gate, branch, mod)  # (N, T, D), (N, D), (N, T, D)
         ops = self._ops(x)
-        out = self.final_layer(x, gate, branch, silu_c, ops)  # (N, T, p*p*out)
+        out = self.final_layer(x, gate, branch, silu_c[0] if per_block else silu_c, ops)  # (N, T, p*p*out)
         return ops.unpatchify(out, self.patch_size, self.out_channels, self.config.grid_size)  # (N, out, H, W)
 
     def _adaln_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -287,38 +294,72 @@ class DiTFast(DiT):
             return torch.get_autocast_dtype(x.device.type)
         return self.final_layer.adaLN_modulation[1].weight.dtype
 
+    def conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """c = t_embedder(t) + y_embedder(y) in fp32: t (N,), y (N,) -> (N, D), or (depth, N, D) with per-block
+        conditioning, whose inference computes every block's timestep MLP in two batched GEMMs and every label
+        row in one gather (stacked fp32 weights, cached as the adaLN's)."""
+        if not self.config.per_block_conditioning:
+            return self.t_embedder(t) + self.y_embedder(y, self.training).float()  # (N, D)
+        drop = label_drop_ids(y, self.config.class_dropout_prob, self.training)
+        stacked = self._stacked("conditioning", [[te.mlp[0].weight, te.mlp[0].bias, te.mlp[2].weight, te.mlp[2].bias,
+                                                  ye.embedding_table.weight]
+                                                 for te, ye in zip(self.t_embedder, self.y_embedder, strict=True)],
+                                torch.float32)
+        if stacked is None:
+            return torch.stack([te(t) + ye(y, self.training, drop).float()
+                                for te, ye in zip(self.t_embedder, self.y_embedder, strict=True)])  # (depth, N, D)
+        w1, b1, w2, b2, table = stacked  # (depth, D, 256), (depth, D), (depth, D, D), (depth, D), (depth, R, D)
+        if drop is not None:
+            y = torch.where(drop == 1, self.config.num_classes, y)
+        t_freq = timestep_embedding(t, w1.shape[-1], freq_shift=self.t_embedder[0].freq_shift)  # (N, 256)
+        with torch.autocast(t.device.type, enabled=False):
+            h = F.silu(torch.baddbmm(b1.unsqueeze(1), t_freq.expand(w1.shape[0], -1, -1), w1.transpose(1, 2)))
+            return torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2)) + table[:, y]  # (depth, N, D)
+
     def _batched_modulation(self, silu_c: torch.Tensor) -> torch.Tensor | None:
         """Every block's adaLN output, (depth, N, 6D), in one batched GEMM; None where blocks must compute their own.
 
-        Only for inference: with gradients each block computes its own modulation (so FSDP can shard per block and
-        the weight gradients need no scatter), and under compilation or CUDA-graph capture too (the stacked weight
-        is a cache keyed on the parameters' storage and version counters, which neither can check). The cache is
-        rebuilt whenever a parameter is replaced or modified in place (optimizer step, EMA update, load_state_dict),
-        and held in ``silu_c``'s dtype (autocast's under autocast), so no forward casts the stacked weight.
+        ``silu_c`` is (N, D), shared by every block, or (depth, N, D), one row set per block (per-block
+        conditioning): either way one ``baddbmm`` over the blocks. Only for inference (see ``_stacked``); the
+        stacked weight is held in ``silu_c``'s dtype (autocast's under autocast), so no forward casts it.
         """
-        if (self._capturing or torch.compiler.is_compiling()
-                or (silu_c.is_cuda and torch.cuda.is_current_stream_capturing())):
-            return None
         linears = [block.adaLN_modulation[1] for block in self.blocks if isinstance(block, DiTFastBlock)]
         if len(linears) != len(self.blocks) or len(linears) == 0:
             return None  # blocks wrapped (FSDP, ...) own their parameters
-        params = [p for linear in linears for p in (linear.weight, linear.bias)]
+        stacked = self._stacked("adaln", [[linear.weight, linear.bias] for linear in linears], silu_c.dtype)
+        if stacked is None:
+            return None
+        weight, bias = stacked  # (depth, 6D, D), (depth, 6D)
+        depth, n = weight.shape[0], silu_c.shape[-2]
+        return torch.baddbmm(bias.unsqueeze(1), silu_c.expand(depth, n, -1), weight.transpose(1, 2))  # (depth, N, 6D)
+
+    def _stacked(self, name: str, groups: list[list[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """``groups`` (one list of parameters per block) stacked per position into (depth, ...) tensors of
+        ``dtype``, cached under ``name``; None where the blocks must use their own parameters.
+
+        Only for inference: with gradients each block uses its own parameters (so FSDP can shard per block and the
+        weight gradients need no scatter), and under compilation or CUDA-graph capture too (the cache is keyed on
+        the parameters' storage and version counters, which neither can check). The cache is rebuilt whenever a
+        parameter is replaced or modified in place (optimizer step, EMA update, load_state_dict) or cast.
+        """
+        params = [p for group in groups for p in group]
+        if (self._capturing or torch.compiler.is_compiling()
+                or (params[0].is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
         if any(type(p.data) is not torch.Tensor for p in params):
             return None  # sharded or otherwise wrapped parameters (DTensor, ...)
-        key = (silu_c.dtype, *((p.data_ptr(), p._version) for p in params))
-        if self._modulation_cache is None or self._modulation_cache[0] != key:
+        key = (dtype, *((p.data_ptr(), p._version) for p in params))
+        cached = self._stack_cache.get(name)
+        if cached is None or cached[0] != key:
             with torch.no_grad():
-                weight = torch.stack([linear.weight for linear in linears]).to(silu_c.dtype)  # (depth, 6D, D)
-                bias = torch.stack([linear.bias for linear in linears]).unsqueeze(1).to(silu_c.dtype)  # (depth, 1, 6D)
-            self._modulation_cache = (key, weight, bias)
-        _, weight, bias = self._modulation_cache
-        depth, n = weight.shape[0], silu_c.shape[0]
-        return torch.baddbmm(bias, silu_c.expand(depth, n, -1), weight.transpose(1, 2))  # (depth, N, 6D)
+                cached = (key, [torch.stack(parts).to(dtype) for parts in zip(*groups, strict=True)])
+            self._stack_cache[name] = cached
+        return cached[1]
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DiTFast:
-        self._modulation_cache = None  # .to() / .half() / .cuda(): rebuilt on the next inference forward
+        self._stack_cache = {}  # .to() / .half() / .cuda(): rebuilt on the next inference forward
         return super()._apply(fn, recurse)
 
     def compile(self, *, regional: bool = True, mode: str | None = None, fullgraph: bool = True,

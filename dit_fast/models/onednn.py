@@ -60,6 +60,7 @@ def _onednn_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor 
 
 onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup_context)
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # CPUs without bf16 GEMMs fail to build one
 
 
 def fused_linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch.Tensor:
@@ -75,7 +76,7 @@ def fused_linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch
         and x.device.type == "cpu"
         and type(layer) is nn.Linear
         and x.dtype == weight.dtype
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16))
         and not _autocasting("cpu")
         and not (layer._forward_hooks or layer._forward_pre_hooks)
     ):

@@ -88,7 +88,12 @@ class TrainConfig:
                              choices=["fast", "reference"])
     attention: str = _flag(_PERF, "auto", "attention backend of the fast model")
     kernels: str = _flag(_PERF, "auto", "kernel backend of the fast model")
-    grad_checkpointing: bool = _flag(_PERF, False, "recompute block activations in backward", action="store_true")
+    grad_checkpointing: str = _flag(_PERF, "none", "activation checkpointing of the blocks: none; full (recompute each "
+                                    "block in the backward; the flag alone means full); selective (keep the GEMM and "
+                                    "attention outputs, recompute norms, GELU and residuals)", nargs="?", const="full",
+                                    choices=["none", "full", "selective"])
+    fp8: bool = _flag(_PERF, False, "FP8 (torchao float8 rowwise) for the blocks' linears; Ada/Hopper GPUs",
+                      action="store_true")
     fsdp: bool = _flag(_PERF, False, "shard parameters, gradients and optimizer state (FSDP2)", action="store_true")
 
     log_every: int | None = _flag(_LOG, help="default 100 (500 for the digits)", type=positive_int)

@@ -42,8 +42,9 @@ from tqdm import tqdm
 from dit_fast.diffusion import create_diffusion
 from dit_fast.models.config import DiTConfig, gflops
 from dit_fast.models.dit import DiTFast
+from dit_fast.models.fp8 import enable_fp8
 from dit_fast.models.vae import SCALE_FACTOR, VAE
-from dit_fast.reference import DiT
+from dit_fast.reference import DiT, check_labels
 from dit_fast.sampling.metrics import evaluate_digits_model
 from dit_fast.training.config import TrainConfig
 from dit_fast.training.data import (
@@ -101,8 +102,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     params = [p.detach() for p in model.parameters()]  # same registration order (wrappers keep it)
     if len(params) != len(ema_params):
         raise ValueError(f"EMA has {len(ema_params)} parameters, the model {len(params)}")
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, params, alpha=1.0 - decay)
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused pass: ema += (1 - decay) * (model - ema)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -235,7 +235,10 @@ class Trainer:
         seed_everything(cfg.global_seed * d.world_size + d.rank)  # per-rank seed, as the official script
         self.params = sum(p.numel() for p in model.parameters())
         model.gradient_checkpointing = cfg.grad_checkpointing
-        compile_and_shard(model, ema, compile=cfg.compile, fsdp=cfg.fsdp)  # FSDP: blocks compiled, then sharded
+        if cfg.fp8:
+            enable_fp8(model)  # the block linears in FP8; refuses in one line where the device cannot
+        compile_and_shard(model, ema, compile=cfg.compile, fsdp=cfg.fsdp,  # FSDP: blocks compiled, then sharded
+                          param_dtype=self.dtype)
         if d.enabled and not cfg.fsdp:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if
                                                         d.device.type == "cuda" else None)
@@ -283,6 +286,8 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         """One optimisation step on this rank's batch: x (n, C, H, W) data (images, latents or posterior moments
         (n, 2, C, h, w)), y (n,) labels. Returns the (unsynchronised) loss terms and the learning rate."""
+        if y.device.type == "cpu":  # once per batch, on the host: the model's forward never reads device labels
+            check_labels(y, self.config.num_classes, what="dataset labels")
         x, y, t, noise = self._draws(x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True))
         warm = self.cfg.warmup_steps
         lr = self.cfg.lr * (min(1.0, (self.step + 1) / warm) if warm else 1.0)

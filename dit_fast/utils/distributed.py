@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dit_fast.utils.environment import read_dist_env
 
@@ -158,21 +158,33 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     return model
 
 
-def shard_blocks(model: nn.Module) -> nn.Module:
-    """FSDP2 (``fully_shard``) in place, one unit per block of ``model.blocks`` and one for the rest; returns it."""
+def shard_blocks(model: nn.Module, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+    """FSDP2 (``fully_shard``) in place, one unit per block of ``model.blocks`` and one for the rest; returns it.
+    ``mp_policy``: FSDP2's mixed precision (None: parameters, all-gathers and reductions in the parameters' dtype)."""
+    options = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 
+def mixed_precision_policy(param_dtype: torch.dtype) -> MixedPrecisionPolicy | None:
+    """FSDP2 mixed precision for training in ``param_dtype`` (bf16): the sharded fp32 master parameters are cast
+    to bf16 once per all-gather (half the all-gather traffic, no per-op autocast casts), gradients are reduced in
+    fp32 (``reduce_dtype``) and land on the fp32 shards the optimizer updates. None for fp32 training."""
+    if param_dtype == torch.float32:
+        return None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
 def compile_and_shard(model: nn.Module, ema: nn.Module | None = None, *, compile: bool, fsdp: bool,
-                      **compile_kwargs: Any) -> None:
+                      param_dtype: torch.dtype = torch.float32, **compile_kwargs: Any) -> None:
     """Prepare a DiT (and its EMA copy) for training, in place.
 
     ``compile`` alone: ``model.compile(**compile_kwargs)`` (DiTFast compiles its blocks, the reference whole). With
     ``fsdp``: the blocks are compiled first (``compile_blocks``), then ``model`` and ``ema`` are sharded
-    (``shard_blocks``): compile before ``fully_shard``, as torchtitan does. The EMA copy is never compiled.
+    (``shard_blocks``): compile before ``fully_shard``, as torchtitan does; ``model`` with the mixed precision of
+    ``param_dtype`` (``mixed_precision_policy``), the EMA copy in fp32. The EMA copy is never compiled.
     """
     if fsdp and not dist.is_initialized():
         raise ValueError("--fsdp needs several processes (launch with torchrun)")
@@ -182,5 +194,6 @@ def compile_and_shard(model: nn.Module, ema: nn.Module | None = None, *, compile
         else:
             model.compile(**compile_kwargs)
     if fsdp:
-        for m in (model,) if ema is None else (model, ema):
-            shard_blocks(m)
+        shard_blocks(model, mixed_precision_policy(param_dtype))
+        if ema is not None:
+            shard_blocks(ema)

@@ -53,3 +53,18 @@ def test_in_process_with_the_interpreter_variable_set(capsys):
     assert compile_check.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("OK ") == 2 and "regs=" in out
+
+
+def test_dit_xl_backwards_are_off_the_occupancy_cliff():
+    """Every D = 1152 backward specialisation (3 row ops, 5 dtype specs, the fused op's two flavours: 20 launches)
+    runs 8 warps or <= 96 registers per thread; one is built to read both from the compiled kernel (4 warps at up to
+    128 registers before)."""
+    backwards = [(label, launch) for op in compile_check.ROW_OPS for dtype in compile_check.DTYPES
+                 for label, launch in compile_check.cases(op, dtype, [1152]) if " bwd" in label]
+    assert len(backwards) == 20
+    assert all(launch.meta["num_warps"] == 8 for _, launch in backwards)
+    fused = next(launch for label, launch in compile_check.cases("gated_residual_modulated_layer_norm", "fp32/bf16",
+                                                                 [1152]) if " bwd" in label)
+    usage = compile_check.build(fused, 90)
+    assert usage["num_warps"] == 8 or usage.get("regs", 0) <= 96
+    assert usage.get("local", 0) == 0  # no spills

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from dit_fast.kernels import _common, gated_residual, gated_residual_ref
+from dit_fast.kernels import _row, gated_residual, gated_residual_ref
 
 from ._util import DTYPE_MIXES, check_against_references, grads_of
 
@@ -32,7 +32,7 @@ def from_chunks(x: torch.Tensor, y: torch.Tensor, mods: torch.Tensor) -> tuple[t
 @pytest.mark.parametrize(("B", "T", "D", "programs"), SHAPES)
 def test_matches_reference_and_fp64(B, T, D, programs, dtype, mod_dtype, monkeypatch):
     """Every (x, gate/y) dtype mix: the result in x's dtype, grads in their inputs' dtypes."""
-    monkeypatch.setattr(_common, "BWD_TARGET_PROGRAMS", programs)
+    monkeypatch.setattr(_row, "BWD_TARGET_PROGRAMS", programs)
     check_against_references(gated_residual, gated_residual_ref, make_leaves(B, T, D, dtype, mod_dtype), from_chunks,
                              f"gated_residual {dtype}/{mod_dtype} {(B, T, D)}")
 
@@ -52,7 +52,7 @@ def test_strided_inputs():
 
 
 def test_backward_is_deterministic(monkeypatch):
-    monkeypatch.setattr(_common, "BWD_TARGET_PROGRAMS", 4)
+    monkeypatch.setattr(_row, "BWD_TARGET_PROGRAMS", 4)
     leaves = make_leaves(2, 33, 100, torch.float32)
     first = grads_of(gated_residual, leaves, from_chunks)
     second = grads_of(gated_residual, leaves, from_chunks)

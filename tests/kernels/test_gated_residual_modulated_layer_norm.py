@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from dit_fast.kernels import _common, gated_residual_modulated_layer_norm, gated_residual_modulated_layer_norm_ref
+from dit_fast.kernels import _row, gated_residual_modulated_layer_norm, gated_residual_modulated_layer_norm_ref
 
 from ._util import DTYPE_MIXES, check_against_references, grads_of
 
@@ -30,11 +30,22 @@ def from_chunks(x: torch.Tensor, y: torch.Tensor, mods: torch.Tensor) -> tuple[t
     return x, gate, y, shift, scale
 
 
+@pytest.mark.parametrize("sm_count", [5, 7])
+def test_gpu_partition_of_uneven_token_blocks(sm_count, monkeypatch):
+    """The partition a GPU gets (a whole multiple of its SM count; blocks of T // n_blocks or one more tokens, here
+    uneven) gives the same results as the reference."""
+    monkeypatch.setattr(_row, "device_sm_count", lambda device: sm_count)
+    n_blocks = _row.backward_partition(2, 23, 48, sm_count)[1]
+    assert (2 * n_blocks) % sm_count == 0 and 23 % n_blocks != 0
+    check_against_references(gated_residual_modulated_layer_norm, gated_residual_modulated_layer_norm_ref,
+                             make_leaves(2, 23, 48, torch.float32), from_chunks, f"uneven blocks, {sm_count} SMs")
+
+
 @pytest.mark.parametrize(("dtype", "mod_dtype"), DTYPE_MIXES, ids=str)
 @pytest.mark.parametrize(("B", "T", "D", "programs"), SHAPES)
 def test_matches_reference_and_fp64(B, T, D, programs, dtype, mod_dtype, monkeypatch):
     """Both outputs, and the grads of all five inputs given grads of both outputs, for every (x, rest) dtype mix."""
-    monkeypatch.setattr(_common, "BWD_TARGET_PROGRAMS", programs)
+    monkeypatch.setattr(_row, "BWD_TARGET_PROGRAMS", programs)
     check_against_references(gated_residual_modulated_layer_norm, gated_residual_modulated_layer_norm_ref,
                              make_leaves(B, T, D, dtype, mod_dtype), from_chunks,
                              f"fused block boundary {dtype}/{mod_dtype} {(B, T, D)}")
@@ -77,7 +88,7 @@ def test_strided_inputs():
 
 
 def test_backward_is_deterministic(monkeypatch):
-    monkeypatch.setattr(_common, "BWD_TARGET_PROGRAMS", 4)
+    monkeypatch.setattr(_row, "BWD_TARGET_PROGRAMS", 4)
     leaves = make_leaves(2, 33, 100, torch.float32)
     first = grads_of(gated_residual_modulated_layer_norm, leaves, from_chunks)
     second = grads_of(gated_residual_modulated_layer_norm, leaves, from_chunks)

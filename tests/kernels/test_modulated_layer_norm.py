@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from dit_fast.kernels import _common, modulated_layer_norm, modulated_layer_norm_ref
+from dit_fast.kernels import _row, modulated_layer_norm, modulated_layer_norm_ref
 
 from ._util import DTYPE_MIXES, check_against_references, grads_of
 
@@ -36,7 +36,7 @@ def from_chunks(x: torch.Tensor, mods: torch.Tensor) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize(("B", "T", "D", "programs"), SHAPES)
 def test_matches_reference_and_fp64(B, T, D, programs, dtype, mod_dtype, monkeypatch):
     """Every (x, shift/scale) dtype mix: the output in shift/scale's dtype, grads in their inputs' dtypes."""
-    monkeypatch.setattr(_common, "BWD_TARGET_PROGRAMS", programs)
+    monkeypatch.setattr(_row, "BWD_TARGET_PROGRAMS", programs)
     check_against_references(modulated_layer_norm, modulated_layer_norm_ref, make_leaves(B, T, D, dtype, mod_dtype),
                              from_chunks, f"modulated_layer_norm {dtype}/{mod_dtype} {(B, T, D)}")
 
@@ -59,7 +59,7 @@ def test_strided_x_and_contiguous_modulation():
 
 
 def test_backward_is_deterministic(monkeypatch):
-    monkeypatch.setattr(_common, "BWD_TARGET_PROGRAMS", 4)
+    monkeypatch.setattr(_row, "BWD_TARGET_PROGRAMS", 4)
     leaves = make_leaves(2, 33, 100, torch.float32)
     first = grads_of(modulated_layer_norm, leaves, from_chunks)
     second = grads_of(modulated_layer_norm, leaves, from_chunks)
