@@ -27,6 +27,7 @@ from dit_fast.models.dit import DiTFast
 from dit_fast.reference import check_labels
 from dit_fast.training.data import mix_seed
 
+DIFFUSION_STEPS = 1000  # the diffusion DiT models are trained with (official and ours): timesteps 0..999
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 """Samplers of DDPM models; flow models (SiT's objective) take ``FLOW_SAMPLERS``."""
 
@@ -75,7 +76,7 @@ class NonFiniteMonitor:
 def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels: torch.Tensor, *,
                  sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
                  guide_channels: int | str = 3, interval: tuple[float, float] | None = None, null_class: int,
-                 clip_denoised: bool = False, diffusion_steps: int = 1000, progress: bool = False,
+                 clip_denoised: bool = False, diffusion_steps: int = DIFFUSION_STEPS, progress: bool = False,
                  dtype: torch.dtype = torch.float32, cache: str | CachePolicy | None = None,
                  cache_stats: dict[str, int] | None = None, monitor: NonFiniteMonitor | None = None,
                  transport: Transport | None = None, flow_options: dict[str, Any] | None = None) -> torch.Tensor:
@@ -206,22 +207,20 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
                              "dtype and the guidance scale")
         out.append(z.float().cpu())
     return torch.cat(out) if out else torch.empty((0, *shape))
-def load_model(ckpt: str, *, model_name: str | None, image_size: int | None, num_classes: int | None,
-               impl: str, device: torch.device, vae_factor: int = 8, num_heads: int | None = None
-               ) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+def load_model(ckpt: str, *, model_name: str | None, num_classes: int | None, impl: str, device: torch.device,
+               num_heads: int | None = None) -> tuple[torch.nn.Module, str, dict[str, Any]]:
     """Load any supported checkpoint (eval mode) on ``device``; returns the model, a one-line description and the
     training objective the file stores ({} if none).
 
-    ``--model``/``--image-size``/``--num-classes`` only fill what the file does not store; where it stores them
-    and they differ, the checkpoint loader's error says so.
+    ``--model``/``--num-classes`` only fill what the file does not store; where it stores them and they differ, the
+    checkpoint loader's error says so. (The image size is read from the weights, and checked by the caller against
+    ``--image-size`` once it knows whether the model works in pixels or in a VAE's latents.)
     """
     options: dict[str, Any] = {}
     if model_name is not None:
         options["model_name"] = model_name
     if num_classes is not None:
         options["num_classes"] = num_classes
-    if image_size is not None:
-        options["input_size"] = image_size // vae_factor
     if num_heads is not None:
         options["num_heads"] = num_heads
     result = load_checkpoint(ckpt, model_cls=DiTFast if impl == "fast" else None, device=device, **options)

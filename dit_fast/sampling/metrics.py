@@ -25,9 +25,10 @@ import torch
 
 from dit_fast.diffusion import Transport
 from dit_fast.reference import check_labels
-from dit_fast.sampling.frechet import feature_statistics, frechet_distance_features
+from dit_fast.sampling.frechet import check_statistics, feature_statistics, frechet_distance_features
 from dit_fast.sampling.generate import generate
 from dit_fast.sampling.outputs import save_grid
+from dit_fast.utils.datacheck import npz_arrays
 
 DIGITS_FEATURES = 32
 DIGITS_TEST_FRACTION = 0.2
@@ -153,13 +154,19 @@ def check_npz(path: str) -> Path:
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from an ``.npz`` holding ``mu`` and ``sigma`` (ADM reference batches) or ``features`` (N, D)."""
+    """(mu, sigma) from an ``.npz`` holding ``mu`` and ``sigma`` (ADM reference batches) or ``features`` (N, D),
+    checked (``check_statistics``: finite, a covariance), so that a distance is never NaN or negative."""
     with np.load(check_npz(path)) as f:
-        if "mu" in f and "sigma" in f:
-            return f["mu"], f["sigma"]
-        if "features" in f:
-            return feature_statistics(f["features"])
-        raise ValueError(f"{path!r} has neither 'mu' and 'sigma' nor 'features' (it has {sorted(f.files)})")
+        names = ["mu", "sigma"] if "mu" in f.files and "sigma" in f.files else ["features"]
+        if names == ["features"] and "features" not in f.files:
+            raise ValueError(f"{path!r} has neither 'mu' and 'sigma' nor 'features' (it has {sorted(f.files)})")
+    arrays = npz_arrays(path, names)
+    if names == ["features"]:
+        features = arrays["features"]
+        if not np.isfinite(features).all():
+            raise ValueError(f"{path}: features hold NaN or inf")
+        return feature_statistics(features)
+    return check_statistics(arrays["mu"], arrays["sigma"], path)
 
 
 

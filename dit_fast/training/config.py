@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from dit_fast.models.config import CONFIGS, DiTConfig, get_config
-from dit_fast.utils.validation import float_range, non_negative_int, positive_float, positive_int
+from dit_fast.utils.environment import device_name
+from dit_fast.utils.validation import SEED_MAX, float_range, int_range, non_negative_int, positive_float, positive_int
 
 # The built-in default: a small DiT on the 8x8 digits, and a recipe that trains it well in minutes on a CPU.
 # Small and many steps beats wide and few here: in 180 s of CPU time width 64 made 5,338 steps where width 128 made
@@ -95,7 +96,7 @@ class TrainConfig:
                                     "on for the digits)", action="boolean_optional")
     max_grad_norm: float | None = _flag(_OPT, help="clip the gradient norm (default: no clipping)", type=positive_float)
     diffusion_steps: int = _flag(_OPT, 1000, type=positive_int)
-    global_seed: int = _flag(_OPT, 0, type=non_negative_int)
+    global_seed: int = _flag(_OPT, 0, f"0..{SEED_MAX}", type=int_range(0, SEED_MAX))
 
     objective: str = _flag(_OBJ, "ddpm", "ddpm: DiT's Gaussian diffusion (eps + learned sigma); flow: SiT's "
                            "flow matching (the model predicts --prediction along --path-type; no learned sigma)",
@@ -110,7 +111,7 @@ class TrainConfig:
                                      "SiT's, 0 for velocity on Linear/GVP, else 1e-3)", type=float_range(0.0, 0.499))
     time_sampling: str = _flag(_OBJ, "uniform", TIME_SAMPLING_HELP, type=time_sampling_spec)
 
-    device: str | None = _flag(_PERF, help="cuda or cpu (default: cuda when available)")
+    device: str | None = _flag(_PERF, help="cpu, cuda or cuda:N (default: cuda when available)", type=device_name)
     dtype: str | None = _flag(_PERF, help="autocast dtype (default: bf16 on GPU, fp32 on CPU); weights and optimizer "
                               "stay fp32", choices=["fp32", "bf16"])
     compile: bool = _flag(_PERF, False, "torch.compile the model", action="store_true")
@@ -136,7 +137,7 @@ class TrainConfig:
     no_progress: bool = _flag(_LOG, False, "no progress bar", action="store_true")
     eval: bool | None = _flag(_LOG, help="after training the digits: sample, write a grid, report accuracy and "
                               "Frechet distance", action="boolean_optional")
-    eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle)", type=positive_int)
+    eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle; at least 2)", type=int_range(2))
     eval_cfg_scale: float = _flag(_LOG, 2.0, "digits evaluation: guidance scale", type=float_range(1.0))
     eval_sampler: str | None = _flag(_LOG, help="digits evaluation sampler (default: ddpm; ode-heun for flow)",
                                      choices=["ddpm", "ddim", "dpm++", "ode-euler", "ode-heun", "ode-dopri5", "sde"])
@@ -166,6 +167,10 @@ class TrainConfig:
                     parse(str(value))
                 except ValueError as e:
                     raise ValueError(f"TrainConfig {f.name}: {e}") from None
+        ddpm_eval = self.eval and self.objective == "ddpm" and self.eval_steps is not None
+        if ddpm_eval and self.eval_steps > self.diffusion_steps:
+            raise ValueError(f"--eval-steps {self.eval_steps} is more than the {self.diffusion_steps} diffusion steps "
+                             "(--diffusion-steps)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,7 +75,9 @@ from dit_fast.utils.distributed import (
     compile_and_shard,
 )
 from dit_fast.utils.hardware import peak_flops
-from dit_fast.utils.validation import Interrupted, check_free_space, check_output_dir
+from dit_fast.utils.lifecycle import init_worker, pause_point, worker_errors
+from dit_fast.utils.runlock import RunLock, discard_if_empty, run_folder_of
+from dit_fast.utils.validation import Interrupted, UserError, check_free_space
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -148,10 +150,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, d: Dist):
         self.cfg, self.d = cfg.resolved(), d
-        cfg = self.cfg
+        requested_size, cfg = cfg.image_size, self.cfg
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype or
                                                                    ("bf16" if d.device.type == "cuda" else "fp32")]
         self.dataset = build_dataset(cfg.data_path, cfg.image_size)
+        self._check_dataset(requested_size)
         self.vae = None
         if isinstance(self.dataset, LatentDataset):
             in_channels, input_size = self.dataset.in_channels, self.dataset.latent_size
@@ -185,27 +188,37 @@ class Trainer:
                                            cfg.sample_eps, self.time_sampling) if cfg.objective == "flow" else None)
         self.step, self.epoch, self.index, self.saved_step = 0, 0, 0, None
         self.resumed: dict[str, Any] | None = None
-        self.log, self.notes, self.exp_dir = RunLog(None), [], None  # notes: logged once the folder exists
+        self.log, self.exp_dir, self.lock, self.created = RunLog(None), None, None, False
+        self.notes = list(getattr(self.dataset, "notes", []))  # logged once the folder exists
         if (found := find_resume(cfg.resume, cfg.results_dir, self.config, d)) is not None:
             self.resumed, path = found
-            self.exp_dir = check_output_dir(path.parent, "--resume").parent
-            self.notes.append(f"resuming from {path} (step {self.resumed['step']})")
+            self.exp_dir = run_folder_of(path)  # None: a checkpoint outside a run folder starts a new one
+            self.notes.append(f"resuming from {path} (step {self.resumed['step']})" + (
+                "" if self.exp_dir else "; it is not in a run folder, so this run gets a new one"))
         self._build()
-        self._setup_folder()  # last: no experiment folder for a run that fails its checks
+        check_free_space(self.exp_dir or cfg.results_dir, 16 * self.params,  # model, EMA, AdamW's two moments
+                         f"--results-dir {cfg.results_dir} (a checkpoint of {self.params:,} parameters)")
 
     # -- setup
 
+    def _check_dataset(self, requested_size: int | None) -> None:
+        """A latent folder fixes the image size: an explicit, different ``--image-size`` is refused."""
+        ds = self.dataset
+        if isinstance(ds, LatentDataset) and requested_size is not None and requested_size != ds.image_size:
+            raise UserError(f"--image-size {requested_size}: the latent folder {self.cfg.data_path} was extracted at "
+                            f"{ds.image_size} (latents {ds.latent_size}); drop --image-size or extract again")
+
     def _setup_folder(self) -> None:
-        """The experiment folder (a new NNN-<model> unless resuming), with room for a checkpoint: the model, the EMA
-        and AdamW's two moments, four fp32 copies of the parameters."""
+        """The run folder (a new NNN-<model> unless resuming in one), locked for this process (``RunLock``: a second
+        writer fails naming this one), then the temporaries of killed writers swept."""
         cfg, d = self.cfg, self.d
-        check_free_space(self.exp_dir or cfg.results_dir, 16 * self.params,
-                         f"--results-dir {cfg.results_dir} (a checkpoint of {self.params:,} parameters)")
         if self.exp_dir is None:
             name = cfg.model or ("DiT-digits" if cfg.data_path is None else "DiT-XL/2")
             path = new_experiment_dir(cfg.results_dir, name) if d.is_main else None
             self.exp_dir = Path(broadcast_object(None if path is None else str(path), d))
-        elif d.is_main:
+            self.created = True
+        if d.is_main:
+            self.lock = RunLock(self.exp_dir).acquire()
             remove_partial_files(self.exp_dir / "checkpoints")
         self.ckpt_dir = self.exp_dir / "checkpoints"
         self.log = RunLog(self.exp_dir if d.is_main else None)
@@ -336,7 +349,18 @@ class Trainer:
             return
         yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
                                                collate_fn=collate, pin_memory=self.d.device.type == "cuda",
-                                               persistent_workers=False, worker_init_fn=StopSignals.ignore)
+                                               persistent_workers=False, worker_init_fn=init_worker)
+
+    def _next(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], stop: StopSignals
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next batch; None at the end, or when a stop signal also ended the data-loading workers (a scheduler's
+        SIGTERM to the whole job), so that the run still saves its checkpoint."""
+        try:
+            return next(batches, None)
+        except RuntimeError:
+            if stop.signum is None:
+                raise
+            return None
 
     def log_window(self, window: list[dict[str, torch.Tensor]], t0: float, start: float, train_flops: float,
                    peak: float | None, bar: tqdm) -> None:
@@ -359,6 +383,23 @@ class Trainer:
                       "mfu": "" if mfu is None else mfu, "elapsed_s": now - start})
 
     def run(self) -> None:
+        """Make (or lock) the run folder and train; a new run stopped before its first checkpoint (an error, Ctrl-C
+        or SIGTERM in its first seconds) leaves no folder behind."""
+        try:
+            self._setup_folder()
+            pause_point("train:setup")  # fault-injection tests: the folder exists, no checkpoint yet
+            self._train()
+        except BaseException:
+            if self.d.is_main and self.created and discard_if_empty(self.exp_dir):
+                self.exp_dir = None
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the lock is held from ``run`` until here: the evaluation writes there too)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _train(self) -> None:
         cfg, d = self.cfg, self.d
         self.log(f"DiT {self.config} | {self.params:,} parameters | impl {cfg.impl} | "
                  f"{len(self.dataset):,} samples ({cfg.data_path or 'built-in digits'}) | world size "
@@ -377,9 +418,9 @@ class Trainer:
         window: list[dict[str, torch.Tensor]] = []
         t0 = time.perf_counter()
         start = t0
-        with StopSignals() as stop:
+        with StopSignals() as stop, worker_errors():
             batches = self.batches()
-            while not stop.requested(d) and (batch := next(batches, None)) is not None:
+            while not stop.requested(d) and (batch := self._next(batches, stop)) is not None:
                 if self.index + self.global_batch > len(self.dataset):
                     self.epoch, self.index = self.epoch + 1, 0
                 window.append(self.train_step(*batch))
