@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 2 or args.threads < 1 or args.max_repeats < 1:
         parser.error("--samples must be >= 2, --threads and --max-repeats >= 1")
     torch.set_num_threads(args.threads)
-    model, description = load_model(args.ckpt, model_name=None, image_size=None, num_classes=None, impl=args.impl,
-                                    device=torch.device("cpu"))
+    model, description, _ = load_model(args.ckpt, model_name=None, num_classes=None, impl=args.impl,
+                                       device=torch.device("cpu"))
     if model.config.in_channels != 1 or model.config.input_size != 8:
         raise SystemExit(f"cache_frontier scores 8x8 digits; {args.ckpt} is a {model.config.in_channels}-channel "
                          f"{model.config.input_size} model")

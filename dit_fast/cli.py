@@ -7,7 +7,9 @@ statuses.
 
 Errors, in one place (``main``): a bad option value is a usage error, one line and exit status 2; bad input or an
 environment the user can fix (``ValueError``, ``OSError``, a missing optional package, CUDA out of memory) is one
-line ``dit-fast COMMAND: message`` on stderr and exit status 1; a run stopped by Ctrl-C or SIGTERM exits 130 / 143
+line ``dit-fast COMMAND: message`` on stderr and exit status 1 (an error raised in a data-loading worker: the
+worker's own message); a run stopped by Ctrl-C or SIGTERM exits 130 / 143: every command runs under
+``lifecycle.terminate_as_interrupt``, so SIGTERM unwinds like Ctrl-C and partial outputs are removed on the way
 (training saves a checkpoint first). Anything else is a bug and keeps its traceback; ``--debug`` (before or after
 the command) shows the traceback of every error.
 """
@@ -19,6 +21,7 @@ import importlib
 import sys
 
 from dit_fast import __version__
+from dit_fast.utils.lifecycle import Terminated, terminate_as_interrupt, worker_message
 from dit_fast.utils.validation import Interrupted
 
 # name -> one-line help; the command NAME is the module dit_fast.commands.NAME (dashes as underscores).
@@ -66,7 +69,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _describe(error: BaseException) -> str:
-    """An error's message; a system OSError as "path: reason"."""
+    """An error's message; a system OSError as "path: reason"; a data-loading worker's error as its own message."""
+    if (message := worker_message(error)) is not None:
+        return f"{message} (in a data-loading worker)"
     if isinstance(error, OSError) and error.strerror and len(error.args) >= 2:
         where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
         return f"{where}: {error.strerror}" if where else error.strerror
@@ -91,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prefix, debug = f"dit-fast {args.command}", getattr(args, "debug", False)
     try:
-        return int(importlib.import_module(args._module).main(args) or 0)
+        with terminate_as_interrupt():
+            return int(importlib.import_module(args._module).main(args) or 0)
+    except Terminated as e:  # SIGTERM outside training's loop: unwound like Ctrl-C, temporaries removed
+        if debug:
+            raise
+        print(f"{prefix}: {e}; partial outputs were removed", file=sys.stderr)
+        return e.exit_code
     except Interrupted as e:  # the run saved its state first
         if debug:
             raise

@@ -71,6 +71,15 @@ def default_kernels() -> str:
     return os.environ.get(ENV_VAR, "").strip() or "auto"
 
 
+def check_environment() -> None:
+    """ValueError naming ``$DIT_FAST_KERNELS`` when it holds no registered kernel set's name; the commands call it
+    before any work."""
+    name = default_kernels()
+    if name != "auto" and name not in KERNELS:
+        raise ValueError(f"environment variable {ENV_VAR}={name!r} is not a kernel set; valid names: auto, "
+                         f"{', '.join(KERNELS)}")
+
+
 def check_kernels_name(name: str) -> str:
     """``name`` itself if it is "auto" or a registered kernel set, else a ValueError listing the valid names."""
     if name != "auto" and name not in KERNELS:

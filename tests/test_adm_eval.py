@@ -181,7 +181,7 @@ def test_reference_reader_errors(tmp_path):
         with open_npz_array(tmp_path / "missing.npz", "arr_0"):
             pass
     (tmp_path / "text.npz").write_text("not a zip")
-    with pytest.raises(ValueError, match="not an .npz file"):
+    with pytest.raises(ValueError, match="not a readable .npz"):
         with open_npz_array(tmp_path / "text.npz", "arr_0"):
             pass
     np.savez(tmp_path / "other.npz", images=np.zeros((2, 4, 4, 3), np.uint8))

@@ -36,7 +36,7 @@ def test_official_flag_names(capsys):
 def test_extract_latents_errors(tmp_path, capsys):
     base = ["extract-latents", "--output", str(tmp_path / "out"), "--device", "cpu"]
     with pytest.raises(SystemExit, match="VAE folder .* does not exist|diffusers"):
-        cli_main([*base, "--data-path", str(tmp_path), "--vae", str(tmp_path / "no-vae")])
+        cli_main([*base, "--data-path", str(tmp_path / "images"), "--vae", str(tmp_path / "no-vae")])
     with pytest.raises(SystemExit):
         cli_main(["extract-latents", "--data-path", str(tmp_path)])
     assert "required" in capsys.readouterr().err
@@ -58,7 +58,8 @@ USER_ERRORS = {
     "train": (["--eval", "--data-path", "{tmp}"], "--eval scores the built-in digits only"),
     "sample": (["--ckpt", "x.pt", "--guidance-interval", "5", "1", "--out", "{tmp}/s.png"], "LO must be <= HI"),
     "evaluate": ([], "give a samples .npz"),
-    "extract-latents": (["--data-path", "{tmp}", "--vae", "{tmp}/no-vae", "--output", "{tmp}/out", "--device", "cpu"],
+    "extract-latents": (["--data-path", "{tmp}/images", "--vae", "{tmp}/no-vae", "--output", "{tmp}/out", "--device",
+                         "cpu"],
                         "VAE folder .* does not exist|diffusers"),
     "convert": (["{tmp}/missing.pt", "{tmp}/out.pt", "--to", "official"], "checkpoint not found"),
     "env": ([], "no report here"),  # env has no bad input of its own: its report is made to fail below

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ class Checkpoint:
     dict in a safetensors file), "dit-fast" or "diffusers". notes records every decision the reader took (how
     the config was found, which weights were taken, what was regenerated). model is the built model in eval
     mode (load_checkpoint; then state_dict is the model's own) or None (read_checkpoint: no model built).
+    objective is the training objective the file stores ({"name": "ddpm" | "flow", ...its settings}, written by
+    dit-fast train and carried by convert to the dit-fast format), or {} when it stores none (official .pt files,
+    DiT's and SiT's alike: nothing in them says "flow").
     """
 
     state_dict: StateDict
@@ -48,6 +52,7 @@ class Checkpoint:
     source: Path
     notes: list[str] = field(default_factory=list)
     model: nn.Module | None = None
+    objective: dict[str, Any] = field(default_factory=dict)
 
     @property
     def numerics(self) -> str:

@@ -278,7 +278,9 @@ def _from_torch_object(obj: Any, path: Path, hints: Hints, use_model_weights: bo
     else:
         config = _infer_with_args(state_dict, hints, args, path, notes)
     check_state_dict(state_dict, config, source=str(path))
-    return Checkpoint(state_dict, config, fmt, path, notes)
+    objective = obj.get("objective") if fmt == "train.py" else None
+    return Checkpoint(state_dict, config, fmt, path, notes,
+                      objective=dict(objective) if isinstance(objective, Mapping) else {})
 
 
 def _infer_with_args(state_dict: StateDict, hints: Hints, args: Any, path: Path, notes: list[str]) -> DiTConfig:
@@ -342,7 +344,8 @@ def _read_dit_fast(weights: Path, meta: dict[str, Any] | None, config_path: Path
         if hints.numerics is None:
             notes.append(f"numerics: {config.numerics} (stored in the checkpoint)")
     check_state_dict(state_dict, config, source=str(weights))
-    return Checkpoint(state_dict, config, fmt, source, notes)
+    objective = json.loads(file_meta["dit_fast.objective"]) if "dit_fast.objective" in file_meta else {}
+    return Checkpoint(state_dict, config, fmt, source, notes, objective=objective)
 
 
 def _parse_dit_fast_meta(meta: dict[str, Any], where: str) -> DiTConfig:

@@ -47,6 +47,8 @@ def save_checkpoint(source: Source, path: str | os.PathLike, *, config: DiTConfi
     state_dict, config = _weights_and_config(source, config)
     path = Path(path)
     file_meta = {"dit_fast.format_version": str(FORMAT_VERSION), "dit_fast.config": json.dumps(config.to_dict())}
+    if isinstance(source, Checkpoint) and source.objective:
+        file_meta["dit_fast.objective"] = json.dumps(source.objective)  # the training objective travels along
     if path.suffix == ".safetensors":
         atomic_write(path, lambda tmp: safetensors.torch.save_file(state_dict, str(tmp), metadata=file_meta))
         return path

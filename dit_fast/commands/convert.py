@@ -8,6 +8,7 @@ from pathlib import Path
 from dit_fast.checkpoints import FORMATS, CheckpointError, convert
 from dit_fast.commands.arguments import positive_int
 from dit_fast.models.config import CONFIGS, NUMERICS
+from dit_fast.utils.guard import Output, check_outputs
 from dit_fast.utils.validation import check_output_dir, check_output_file
 
 
@@ -43,11 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     dst, src = Path(args.dst), Path(args.src)
+    single_file = args.to == "official" or (args.to == "dit-fast" and dst.suffix == ".safetensors")
+    kind = ("checkpoint" if args.to == "official" else "safetensors") if single_file else "files"
+    check_outputs({"DST": Output(dst, kind)}, {"SRC": src}, overwrite=True)  # never SRC, nor inside or around it
     if dst.exists() and not args.overwrite:
         raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
     size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) if src.is_dir() else (
         src.stat().st_size if src.is_file() else 0)  # about the output's size; a missing SRC is reported below
-    if args.to == "official" or (args.to == "dit-fast" and dst.suffix == ".safetensors"):
+    if single_file:
         check_output_file(dst, "DST", size_bytes=size, example="model.pt" if args.to == "official" else
                           "model.safetensors")
     else:

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 
-from dit_fast.sampling.adm_eval import BATCH_SIZE, INCEPTION_FILE, evaluate
+from dit_fast.commands.arguments import argument_type, positive_int
+from dit_fast.sampling.adm_eval import BATCH_SIZE, INCEPTION_FILE, evaluate, open_npz_array
 from dit_fast.sampling.frechet import frechet_distance
 from dit_fast.sampling.metrics import check_npz, evaluate_digits, load_statistics
+from dit_fast.utils.datacheck import npz_arrays
+from dit_fast.utils.environment import device_name
 from dit_fast.utils.validation import UserError
+
+DIGITS_MAX_SIDE = 64  # digits samples are 8x8 (the built-in default) up to a few upsamplings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,22 +39,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--inception-weights", default=None, metavar="PATH",
                        help=f"torch-fidelity InceptionV3 weights ({INCEPTION_FILE}; default: torch-fidelity's cache "
                             "under $TORCH_HOME/hub/checkpoints)")
-    group.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per Inception batch")
-    group.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    group.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="images per Inception batch")
+    group.add_argument("--device", type=argument_type(device_name), default=None,
+                       help="cpu, cuda or cuda:N (default: cuda when available)")
     group.add_argument("--progress", action="store_true", help="show a progress bar per file")
 
 
 def score_digits(path: str) -> dict[str, float]:
-    """Class accuracy and Fréchet distance of a digits samples ``.npz``."""
-    with np.load(check_npz(path)) as f:
-        if "arr_0" not in f or "labels" not in f:
-            raise UserError(f"{path!r} needs 'arr_0' (N, 8, 8, C) uint8 and 'labels' (N,); it has {sorted(f.files)}")
-        images, labels = f["arr_0"], f["labels"]
-    square = images.ndim == 4 and images.shape[1] == images.shape[2] >= 8
-    if images.dtype != np.uint8 or not square:
-        raise UserError(f"{path!r}: arr_0 must be digit images (N, S, S, C) uint8, S >= 8, got {images.shape} "
-                        f"{images.dtype} (other data sets: --ref REF.npz, the ADM metrics)")
-    return evaluate_digits(images, labels)
+    """Class accuracy and Fréchet distance of a digits samples ``.npz``. The images are checked to be digits (grey,
+    at most ``DIGITS_MAX_SIDE`` px) from the array's header and first batch before the file is read whole: a colour
+    or full-size set is refused (its metrics are ``--ref``'s)."""
+    with open_npz_array(check_npz(path), "arr_0") as reader:
+        shape, dtype = reader.shape, reader.dtype
+        if dtype != np.uint8 or len(shape) != 4 or shape[1] != shape[2] or not 8 <= shape[1] <= DIGITS_MAX_SIDE:
+            raise UserError(f"{path}: arr_0 must be digit samples (N, S, S, C) uint8 with 8 <= S <= "
+                            f"{DIGITS_MAX_SIDE}, got {shape} {dtype}; score other data sets with --ref REF.npz")
+        first = next(reader.batches(256), np.zeros((0, *shape[1:]), np.uint8))
+    if shape[3] == 3 and not (first == first[..., :1]).all():
+        raise UserError(f"{path}: arr_0 holds {shape[1]}x{shape[2]} colour images, not digit samples (grey); score "
+                        "other data sets with --ref REF.npz")
+    arrays = npz_arrays(path, ["arr_0", "labels"])
+    return evaluate_digits(arrays["arr_0"], arrays["labels"])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,8 +76,10 @@ def main(args: argparse.Namespace) -> int:
         result = {"frechet": frechet_distance(*load_statistics(args.frechet[0]), *load_statistics(args.frechet[1]))}
     else:
         result = score_digits(args.samples)
+    if not all(math.isfinite(v) for v in result.values()):
+        raise UserError(f"the result holds NaN or inf ({result}); the inputs are degenerate")
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     else:
         for k, v in result.items():
             print(f"{k}: {v:.4f}")

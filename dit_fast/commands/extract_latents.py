@@ -6,9 +6,12 @@ import argparse
 
 import torch
 
-from dit_fast.commands.arguments import non_negative_int, positive_int
+from dit_fast.commands.arguments import argument_type, non_negative_int, positive_int
 from dit_fast.models.vae import HF_VAE_IDS, VAE
 from dit_fast.training.latents import extract_latents
+from dit_fast.utils.environment import device_name
+from dit_fast.utils.files import sweep_stale_temps
+from dit_fast.utils.guard import Output, check_outputs
 from dit_fast.utils.validation import check_output_dir
 
 
@@ -23,12 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=non_negative_int, default=4, help="data-loading worker processes")
     parser.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
                         help="dtype of the stored mean/std (float16 halves the file; float32 is exact)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=argument_type(device_name), default="cuda" if torch.cuda.is_available() else
+                        "cpu", help="cpu, cuda or cuda:N")
 
 
 def main(args: argparse.Namespace) -> int:
     """Encode ``--data-path`` with the VAE into one memory-mapped latent folder for ``dit-fast train``."""
+    check_outputs({"--output": Output(args.output, "folder")}, {"--data-path": args.data_path, "--vae": args.vae})
     check_output_dir(args.output, "--output", must_not_exist=True)
+    sweep_stale_temps(args.output)  # a killed extraction's half-written folder
     vae = VAE(args.vae, device=args.device)
     out = extract_latents(args.data_path, vae, args.output, args.image_size, batch_size=args.batch_size,
                           num_workers=args.num_workers, storage_dtype=args.storage_dtype)

@@ -12,10 +12,13 @@ from dataclasses import fields
 import torch
 
 from dit_fast.commands.arguments import argument_type
+from dit_fast.kernels.registry import check_environment as check_kernels_environment
+from dit_fast.models.attention import check_environment as check_attention_environment
 from dit_fast.models.fp8 import fp8_unavailable_reason
 from dit_fast.training.config import TrainConfig
 from dit_fast.training.trainer import Trainer, evaluate_digits_run
 from dit_fast.utils.distributed import cleanup, setup_distributed
+from dit_fast.utils.guard import Output, check_outputs
 from dit_fast.utils.validation import UserError, check_output_dir
 
 
@@ -35,10 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Train a DiT (with no arguments: a small one on the built-in digits, then sample and score it)."""
-    cfg = TrainConfig.from_args(args).resolved()
+    requested = TrainConfig.from_args(args)
+    cfg = requested.resolved()
     if cfg.eval and cfg.data_path is not None:
         raise UserError("--eval scores the built-in digits only; for other data run `dit-fast sample --npz` and the "
                         "ADM evaluator")
+    check_attention_environment()
+    check_kernels_environment()
+    check_outputs({"--results-dir": Output(cfg.results_dir, "files")}, {"--data-path": cfg.data_path,
+                                                                        "--vae": cfg.vae})
     check_output_dir(cfg.results_dir, "--results-dir")
     try:
         d = setup_distributed(cfg.device)
@@ -49,11 +57,14 @@ def main(args: argparse.Namespace) -> int:
     if cfg.fp8 and (reason := fp8_unavailable_reason(d.device)) is not None:
         cleanup(d)
         raise UserError(reason)  # before the data and the model are built
+    trainer = None
     try:
-        trainer = Trainer(cfg, d)
+        trainer = Trainer(requested, d)
         trainer.run()
         if cfg.data_path is None and cfg.eval and d.is_main:
             evaluate_digits_run(trainer)
     finally:
+        if trainer is not None:
+            trainer.close()
         cleanup(d)
     return 0

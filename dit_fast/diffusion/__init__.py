@@ -11,6 +11,12 @@
     z = sampler.ddim_sample_loop(...)                       # DDIM over the respaced steps
     z = create_diffusion("").dpm_solver_sample_loop(..., num_steps=20)  # DPM-Solver++(2M), 20 evaluations
 
+Flow matching (SiT's objective on the same network; ``flow``, ``flow_sampling``, ``time_sampling``)::
+
+    transport = create_transport("Linear", "velocity")     # SiT's paths, predictions, loss weightings
+    loss = transport.training_losses(model, x1, dict(y=y))["loss"].mean()
+    z = FlowSampler(transport).sample(guided, noise, dict(y=y), sampler="ode-heun", num_steps=26)  # 50 NFE
+
 The model is any callable ``model(x, t, **model_kwargs)``; it always receives the original timestep indices
 0..diffusion_steps-1, whatever the respacing.
 """
@@ -20,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .diffusion_utils import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .flow import LOSS_WEIGHTS, PATHS, PREDICTIONS, Transport, create_transport
+from .flow_sampling import DIFFUSION_FORMS, FLOW_SAMPLERS, LAST_STEPS, FlowSampler, flow_nfe
 from .gaussian_diffusion import (
     NOISE_SCHEDULES,
     GaussianDiffusion,
@@ -31,19 +39,31 @@ from .gaussian_diffusion import (
 )
 from .guidance import CFGModel
 from .respace import SpacedDiffusion, space_timesteps
+from .time_sampling import TimeSampling
 
 __all__ = [
+    "DIFFUSION_FORMS",
+    "FLOW_SAMPLERS",
+    "LAST_STEPS",
+    "LOSS_WEIGHTS",
     "NOISE_SCHEDULES",
+    "PATHS",
+    "PREDICTIONS",
     "CFGModel",
+    "FlowSampler",
     "GaussianDiffusion",
     "LossType",
     "ModelMeanType",
     "ModelVarType",
     "SpacedDiffusion",
+    "TimeSampling",
+    "Transport",
     "approx_standard_normal_cdf",
     "betas_for_alpha_bar",
     "create_diffusion",
+    "create_transport",
     "discretized_gaussian_log_likelihood",
+    "flow_nfe",
     "get_named_beta_schedule",
     "mean_flat",
     "normal_kl",

@@ -11,9 +11,9 @@ so the learned-variance channels always come from the conditional pass, never gu
 reproduces the official DiT exactly (it guides output channels 0..2 only: three of the four latent eps channels,
 kept by the authors for bit-exact FID 2.27; for models with fewer than 3 input channels only their eps channels
 are guided), ``"all"`` is the standard guidance of all eps channels. An optional ``interval=(lo, hi)`` applies
-guidance only at original timesteps lo <= t <= hi (Kynkaanniemi et al. 2024) and returns the conditional output
-elsewhere. ``DiT.forward_with_cfg`` and ``DiTFast.forward_with_cfg`` are this function (DiTFast embeds the shared
-half once).
+guidance only at times lo <= t <= hi (Kynkaanniemi et al. 2024; original DDPM timesteps, or flow times in [0, 1])
+and returns the conditional output elsewhere. ``DiT.forward_with_cfg`` and ``DiTFast.forward_with_cfg`` are this
+function (DiTFast embeds the shared half once).
 
 ``CFGModel(model, cfg_scale, null_class)`` is the sampler-side view: a model ``(x, t, y) -> output`` on the N
 un-doubled inputs, so every sampler accepts it. It builds ``[x; x]``, ``[t; t]``, ``[y; null]``, runs the wrapped
@@ -44,15 +44,16 @@ def num_guided_channels(guide_channels: GuideChannels, in_channels: int) -> int:
     raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
 
 
-def check_interval(interval: tuple[int, int] | None) -> tuple[int, int] | None:
-    """``interval`` as a pair of ints (or None); ValueError unless ``0 <= lo <= hi``."""
+def check_interval(interval: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``interval`` as a pair of numbers (or None), ints kept as ints; ValueError unless ``0 <= lo <= hi``. The
+    unit is the sampler's time: DDPM timestep indices, or flow times in [0, 1]."""
     if interval is None:
         return None
     try:
-        lo, hi = (int(v) for v in interval)
+        lo, hi = (v if isinstance(v, int) else float(v) for v in interval)
     except (TypeError, ValueError):
         raise ValueError(f"interval must be (lo, hi) with 0 <= lo <= hi, got {interval!r}") from None
-    if not 0 <= lo <= hi:
+    if not 0 <= lo <= hi or not math.isfinite(hi):
         raise ValueError(f"interval must be (lo, hi) with 0 <= lo <= hi, got {interval!r}")
     return lo, hi
 

@@ -178,6 +178,15 @@ def default_backend() -> str:
     return os.environ.get(ENV_VAR, "").strip() or "auto"
 
 
+def check_environment() -> None:
+    """ValueError naming ``$DIT_FAST_ATTENTION`` when it holds no registered backend's name; the commands call it
+    before any work (a registered backend that cannot run here falls back with a warning instead)."""
+    name = default_backend()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"environment variable {ENV_VAR}={name!r} is not an attention backend; valid names: auto, "
+                         f"{', '.join(BACKENDS)}")
+
+
 def check_backend_name(name: str) -> str:
     """``name`` itself if it is "auto" or a registered backend, else a ValueError listing the valid names."""
     if name != "auto" and name not in BACKENDS:

@@ -112,8 +112,11 @@ CONFIGS: dict[str, DiTConfig] = {
 
 
 def get_config(name: str, **overrides: Any) -> DiTConfig:
-    """The named config (``"DiT-XL/2"``; ``"DiT-XL-2"`` is accepted too) with ``overrides`` applied."""
-    key = name.replace("DiT-XL-", "DiT-XL/").replace("DiT-L-", "DiT-L/").replace("DiT-B-", "DiT-B/")
+    """The named config (``"DiT-XL/2"``; ``"DiT-XL-2"`` is accepted too, and SiT's names, ``"SiT-XL/2"``: SiT's
+    models are DiT's architecture and sizes) with ``overrides`` applied."""
+    key = name.removeprefix("SiT-")
+    key = "DiT-" + key if key != name else name
+    key = key.replace("DiT-XL-", "DiT-XL/").replace("DiT-L-", "DiT-L/").replace("DiT-B-", "DiT-B/")
     key = key.replace("DiT-S-", "DiT-S/")
     if key not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; valid names: {', '.join(CONFIGS)}")

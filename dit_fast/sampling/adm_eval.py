@@ -18,18 +18,16 @@ definitions in full and why this network; ``dit-fast evaluate`` is ``dit_fast.co
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib
 import importlib.util
 import io
 import sys
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dit_fast.sampling.frechet import feature_statistics, frechet_distance
+from dit_fast.utils.datacheck import NpzArrayReader, open_npz_array
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -55,62 +54,6 @@ INSTALL_HINT = ("the ADM metrics need torch-fidelity's InceptionV3: pip install 
 
 
 # ---------------------------------------------------------------------------------------------------- npz reading
-
-class NpzArrayReader:
-    """One array of an ``.npz`` read in batches along its first axis, streamed from the zip member (compressed or
-    not) without loading it whole. ``shape`` and ``dtype`` are the array's."""
-
-    def __init__(self, stream: IO[bytes], shape: tuple[int, ...], dtype: np.dtype):
-        self._stream = stream
-        self.shape = shape
-        self.dtype = dtype
-        self._row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        self._read = 0
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Consecutive (<= batch_size, *shape[1:]) arrays, in file order, once."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        while self._read < self.shape[0]:
-            n = min(batch_size, self.shape[0] - self._read)
-            data = self._stream.read(n * self._row_bytes)
-            if len(data) != n * self._row_bytes:
-                raise ValueError(f"truncated array: expected {n * self._row_bytes} more bytes at row {self._read}, "
-                                 f"got {len(data)}")
-            self._read += n
-            yield np.frombuffer(bytearray(data), dtype=self.dtype).reshape(n, *self.shape[1:])  # writable
-
-
-@contextlib.contextmanager
-def open_npz_array(path: str | Path, name: str) -> Iterator[NpzArrayReader]:
-    """Stream array ``name`` of the ``.npz`` at ``path`` (C order, no Python objects); errors name the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist")
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise ValueError(f"{str(path)!r} is not an .npz file (not a zip archive)") from None
-    with archive:
-        members = [m.removesuffix(".npy") for m in archive.namelist()]
-        if name not in members:
-            raise ValueError(f"{str(path)!r} has no array {name!r} (it has {sorted(members)})")
-        with archive.open(f"{name}.npy") as stream:
-            version = np.lib.format.read_magic(stream)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError(f"{str(path)!r}: {name} is in .npy format version {version}; np.savez writes 1.0 "
-                                 "(2.0 for huge headers), which this reader supports")
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(stream)
-            if fortran or dtype.hasobject or len(shape) == 0:
-                raise ValueError(f"{str(path)!r}: {name} must be a C-ordered numeric array with a batch axis, got "
-                                 f"shape {shape}, dtype {dtype}, fortran order {fortran}")
-            yield NpzArrayReader(stream, tuple(shape), dtype)
-
 
 def check_images(reader: NpzArrayReader, path: str | Path) -> None:
     """``arr_0`` must be (N, H, W, 3) uint8 images with N >= 2."""
@@ -394,6 +337,9 @@ def evaluate(samples: str | Path, ref: str | Path, features: Features | None = N
     CUDA when available). Returns ``{"inception_score", "fid", "sfid", "precision", "recall", "num_samples",
     "num_reference"}``.
     """
+    for path in (samples, ref):  # both files readable, before the network is loaded or a batch is read
+        with open_npz_array(path, "arr_0") as reader:
+            check_images(reader, path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if features is None:
         features = InceptionFeatures(inception_weights).to(dev).eval()

@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_fast.diffusion import Transport
 from dit_fast.reference import check_labels
-from dit_fast.sampling.frechet import feature_statistics, frechet_distance_features
+from dit_fast.sampling.frechet import check_statistics, feature_statistics, frechet_distance_features
 from dit_fast.sampling.generate import generate
 from dit_fast.sampling.outputs import save_grid
+from dit_fast.utils.datacheck import npz_arrays
 
 DIGITS_FEATURES = 32
 DIGITS_TEST_FRACTION = 0.2
@@ -99,11 +101,13 @@ def evaluate_digits(samples: torch.Tensor | np.ndarray, labels: torch.Tensor | n
 
 def evaluate_digits_model(model: torch.nn.Module, out_dir: str | Path, *, num_samples: int = 1000,
                           cfg_scale: float = 2.0, sampler: str = "ddpm", num_steps: int = 100, seed: int = 0,
-                          device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+                          device: torch.device | str = "cpu", log: Callable[[str], None] = print,
+                          transport: Transport | None = None) -> dict[str, Any]:
     """Sample a digits DiT (pixel space, 10 classes) for every class in turn, unguided and with guidance
-    ``cfg_scale``, and score both (``evaluate_digits``). Writes the guided samples' grid (a row per digit) to
-    ``out_dir/samples.png`` and the scores to ``out_dir/metrics.json``; returns the scores ("unguided_accuracy",
-    "guided_frechet", ...) and "grid" (the PNG path)."""
+    ``cfg_scale``, and score both (``evaluate_digits``); a flow model passes its ``transport`` and a flow sampler.
+    Writes the guided samples' grid (a row per digit) to ``out_dir/samples.png`` and the scores to
+    ``out_dir/metrics.json``; returns the scores ("unguided_accuracy", "guided_frechet", ...) and "grid" (the PNG
+    path)."""
     labels = torch.arange(num_samples) % model.config.num_classes
     results: dict[str, Any] = {}
     grid = None
@@ -111,7 +115,7 @@ def evaluate_digits_model(model: torch.nn.Module, out_dir: str | Path, *, num_sa
         t0 = time.perf_counter()
         samples = generate(model, labels, sampler=sampler, num_steps=num_steps, cfg_scale=scale,
                            guide_channels="all", seed=seed, batch_size=num_samples, device=device,
-                           clip_denoised=True, progress=False)
+                           clip_denoised=True, progress=False, transport=transport)
         scores = evaluate_digits(samples, labels)
         log(f"{name} (cfg {scale}, {sampler}-{num_steps}, {num_samples} samples): class accuracy "
             f"{100 * scores['accuracy']:.1f}%, Frechet distance {scores['frechet']:.3f} "
@@ -150,13 +154,19 @@ def check_npz(path: str) -> Path:
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from an ``.npz`` holding ``mu`` and ``sigma`` (ADM reference batches) or ``features`` (N, D)."""
+    """(mu, sigma) from an ``.npz`` holding ``mu`` and ``sigma`` (ADM reference batches) or ``features`` (N, D),
+    checked (``check_statistics``: finite, a covariance), so that a distance is never NaN or negative."""
     with np.load(check_npz(path)) as f:
-        if "mu" in f and "sigma" in f:
-            return f["mu"], f["sigma"]
-        if "features" in f:
-            return feature_statistics(f["features"])
-        raise ValueError(f"{path!r} has neither 'mu' and 'sigma' nor 'features' (it has {sorted(f.files)})")
+        names = ["mu", "sigma"] if "mu" in f.files and "sigma" in f.files else ["features"]
+        if names == ["features"] and "features" not in f.files:
+            raise ValueError(f"{path!r} has neither 'mu' and 'sigma' nor 'features' (it has {sorted(f.files)})")
+    arrays = npz_arrays(path, names)
+    if names == ["features"]:
+        features = arrays["features"]
+        if not np.isfinite(features).all():
+            raise ValueError(f"{path}: features hold NaN or inf")
+        return feature_statistics(features)
+    return check_statistics(arrays["mu"], arrays["sigma"], path)
 
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dit_fast.utils.files import atomic_write
+from dit_fast.utils.guard import image_format
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -21,11 +22,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int = 8, padding: int = 2,
               scale: int = 0) -> Path:
-    """Write images (N, C, H, W) float in [-1, 1] or (N, H, W, C) uint8 as one PNG grid, ``nrow`` per row.
+    """Write images (N, C, H, W) float in [-1, 1] or (N, H, W, C) uint8 as one grid image, ``nrow`` per row, in the
+    format ``path``'s suffix names (.png; .jpg/.jpeg: JPEG quality 95; .webp: lossless WebP; others refused).
 
     ``scale`` > 1 enlarges each image by pixel repetition (default: so small images are at least 64 px). Written
     atomically.
     """
+    fmt = image_format(path)
     arr = to_uint8(images) if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"expected images (N, H, W, 1|3), got {arr.shape}")
@@ -40,7 +43,9 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: 
         r, q = divmod(k, ncol)
         y0, x0 = padding + r * (h + padding), padding + q * (w + padding)
         grid[y0: y0 + h, x0: x0 + w] = arr[k]
-    return atomic_write(path, lambda tmp: Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG"))
+    options = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(fmt, {})
+    return atomic_write(path, lambda tmp: Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format=fmt,
+                                                                                                 **options))
 
 
 def write_npz(path: str | os.PathLike, shards: list[np.ndarray | str | os.PathLike], labels: np.ndarray) -> Path:

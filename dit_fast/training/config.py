@@ -11,11 +11,13 @@ no weight decay, global batch 256, EMA 0.9999). ``TrainConfig.resolved()`` appli
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from dit_fast.models.config import CONFIGS, DiTConfig, get_config
-from dit_fast.utils.validation import float_range, non_negative_int, positive_float, positive_int
+from dit_fast.utils.environment import device_name
+from dit_fast.utils.validation import SEED_MAX, float_range, int_range, non_negative_int, positive_float, positive_int
 
 # The built-in default: a small DiT on the 8x8 digits, and a recipe that trains it well in minutes on a CPU.
 # Small and many steps beats wide and few here: in 180 s of CPU time width 64 made 5,338 steps where width 128 made
@@ -33,6 +35,9 @@ OFFICIAL_RECIPE: dict[str, Any] = {
     "impl": "fast", "eval": False}
 
 _DATA, _OPT = "data and model (official flag names)", "optimisation"
+TIME_SAMPLING_HELP = ("training time distribution: uniform (default) or lognormal[:M:S], the logit-normal noise level "
+                      "sigmoid(M + S n) of SD3 / LightningDiT (default M 0, S 1), for either objective")
+_OBJ = "objective (DDPM as DiT, or flow matching as SiT)"
 _PERF, _LOG = "performance", "logging, checkpoints, evaluation"
 
 
@@ -41,6 +46,22 @@ def _flag(group: str, default: Any = None, help: str | None = None, **flag_optio
     (``dit_fast.commands.train`` builds the flags): ``type`` a parser raising ValueError (``TrainConfig.check``
     runs it too), ``action="boolean_optional"`` a ``--x/--no-x`` pair."""
     return field(default=default, metadata={"group": group, "help": help, **flag_options})
+
+
+def time_sampling_spec(text: str) -> str:
+    """The parser of ``--time-sampling`` (checked here without torch; ``dit_fast.diffusion.TimeSampling`` reads
+    it): ``uniform``, ``lognormal`` or ``lognormal:M:S`` with S > 0; ValueError otherwise."""
+    parts = text.strip().split(":")
+    if parts == ["uniform"] or parts == ["lognormal"]:
+        return parts[0]
+    if parts[0] == "lognormal" and len(parts) == 3:
+        try:
+            m, s = float(parts[1]), float(parts[2])
+        except ValueError:
+            m = s = float("nan")
+        if math.isfinite(m) and math.isfinite(s) and s > 0:
+            return f"lognormal:{m:g}:{s:g}"
+    raise ValueError(f"{text!r}: expected uniform, lognormal or lognormal:M:S (finite M, S > 0)")
 
 
 @dataclass
@@ -75,9 +96,22 @@ class TrainConfig:
                                     "on for the digits)", action="boolean_optional")
     max_grad_norm: float | None = _flag(_OPT, help="clip the gradient norm (default: no clipping)", type=positive_float)
     diffusion_steps: int = _flag(_OPT, 1000, type=positive_int)
-    global_seed: int = _flag(_OPT, 0, type=non_negative_int)
+    global_seed: int = _flag(_OPT, 0, f"0..{SEED_MAX}", type=int_range(0, SEED_MAX))
 
-    device: str | None = _flag(_PERF, help="cuda or cpu (default: cuda when available)")
+    objective: str = _flag(_OBJ, "ddpm", "ddpm: DiT's Gaussian diffusion (eps + learned sigma); flow: SiT's "
+                           "flow matching (the model predicts --prediction along --path-type; no learned sigma)",
+                           choices=["ddpm", "flow"])
+    path_type: str = _flag(_OBJ, "Linear", "flow path (SiT's names)", choices=["Linear", "GVP", "VP"])
+    prediction: str = _flag(_OBJ, "velocity", "what a flow model predicts", choices=["velocity", "score", "noise"])
+    loss_weight: str = _flag(_OBJ, "none", "flow loss weighting of score/noise prediction (SiT's)",
+                             choices=["none", "velocity", "likelihood"])
+    train_eps: float | None = _flag(_OBJ, help="flow: keep training times in [eps, 1 - eps] (default: SiT's, 0 for "
+                                    "velocity on Linear/GVP, else 1e-3; VP 1e-5)", type=float_range(0.0, 0.499))
+    sample_eps: float | None = _flag(_OBJ, help="flow: the same for sampling, stored in the checkpoint (default: "
+                                     "SiT's, 0 for velocity on Linear/GVP, else 1e-3)", type=float_range(0.0, 0.499))
+    time_sampling: str = _flag(_OBJ, "uniform", TIME_SAMPLING_HELP, type=time_sampling_spec)
+
+    device: str | None = _flag(_PERF, help="cpu, cuda or cuda:N (default: cuda when available)", type=device_name)
     dtype: str | None = _flag(_PERF, help="autocast dtype (default: bf16 on GPU, fp32 on CPU); weights and optimizer "
                               "stay fp32", choices=["fp32", "bf16"])
     compile: bool = _flag(_PERF, False, "torch.compile the model", action="store_true")
@@ -103,10 +137,12 @@ class TrainConfig:
     no_progress: bool = _flag(_LOG, False, "no progress bar", action="store_true")
     eval: bool | None = _flag(_LOG, help="after training the digits: sample, write a grid, report accuracy and "
                               "Frechet distance", action="boolean_optional")
-    eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle)", type=positive_int)
+    eval_samples: int = _flag(_LOG, 1000, "digits evaluation: samples (classes cycle; at least 2)", type=int_range(2))
     eval_cfg_scale: float = _flag(_LOG, 2.0, "digits evaluation: guidance scale", type=float_range(1.0))
-    eval_sampler: str = _flag(_LOG, "ddpm", choices=["ddpm", "ddim", "dpm++"])
-    eval_steps: int = _flag(_LOG, 100, type=positive_int)
+    eval_sampler: str | None = _flag(_LOG, help="digits evaluation sampler (default: ddpm; ode-heun for flow)",
+                                     choices=["ddpm", "ddim", "dpm++", "ode-euler", "ode-heun", "ode-dopri5", "sde"])
+    eval_steps: int | None = _flag(_LOG, help="digits evaluation sampling steps (default: 100; 26 time points, 50 "
+                                   "network evaluations, for ode-heun)", type=positive_int)
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -131,6 +167,10 @@ class TrainConfig:
                     parse(str(value))
                 except ValueError as e:
                     raise ValueError(f"TrainConfig {f.name}: {e}") from None
+        ddpm_eval = self.eval and self.objective == "ddpm" and self.eval_steps is not None
+        if ddpm_eval and self.eval_steps > self.diffusion_steps:
+            raise ValueError(f"--eval-steps {self.eval_steps} is more than the {self.diffusion_steps} diffusion steps "
+                             "(--diffusion-steps)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,4 +192,6 @@ class TrainConfig:
         overrides = {name: getattr(self, name) for name in ("hidden_size", "depth", "num_heads", "patch_size")
                      if getattr(self, name) is not None}
         base = DIGITS_MODEL if self.model is None and self.data_path is None else get_config(self.model or "DiT-XL/2")
+        if self.objective == "flow":
+            overrides["learn_sigma"] = False  # a flow model predicts one C-channel field, no variance
         return base.replace(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides)

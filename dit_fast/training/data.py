@@ -6,7 +6,8 @@ run sees depends only on ``(global_seed, epoch, position)``: the same for one pr
 
 - ``DigitsDataset``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes; no download), pixel
   space, 1 channel, scaled to [-1, 1]. Digits are never flipped (a mirrored 2 is not a 2).
-- ``ImageFolderDataset``: ``root/<class>/<image>`` like torchvision's ImageFolder (classes sorted by name), with the
+- ``ImageFolderDataset``: ``root/<class>/<image>`` like torchvision's ImageFolder (classes sorted by name; stray,
+  hidden and empty folders are not classes, and files are checked as they are read: ``dit_fast.datacheck``), with the
   ADM centre crop (``center_crop_arr``) and random horizontal flips, as the official training script.
 - ``LatentDataset``: the memory-mapped output of ``dit-fast extract-latents``: for every image and its mirror
   image, the VAE posterior's mean and std. Training draws ``(mean + std * eps) * 0.18215`` (``sample_latents``),
@@ -15,16 +16,17 @@ run sees depends only on ``(global_seed, epoch, position)``: the same for one pr
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from dit_fast.utils.datacheck import open_npy, read_image, read_latent_meta, scan_image_folder
+from dit_fast.utils.validation import UserError
+
 LATENTS_FILE = "latents.npy"
 LABELS_FILE = "labels.npy"
 META_FILE = "meta.json"
@@ -78,42 +80,6 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
 
 
-def find_images(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted subfolder names) and ``(path, class index)`` for every image under ``root/<class>/``.
-
-    Raises FileNotFoundError for a missing folder and ValueError for a folder with no class subfolders or no
-    images, naming the path.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"data path {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"data path {str(root)!r} is not a folder (expected root/<class>/<image>)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"data path {str(root)!r} has no class subfolders (expected root/<class>/<image>, "
-                         "the ImageNet layout)")
-    samples = []
-    for index, name in enumerate(classes):
-        for dirpath, _, filenames in sorted(os.walk(root / name, followlinks=True)):
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, filename), index))
-    if not samples:
-        raise ValueError(f"data path {str(root)!r} has {len(classes)} class folders but no images "
-                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return classes, samples
-
-
-def load_image(path: str) -> Image.Image:
-    """Open an image as RGB; an unreadable file raises ValueError naming it."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from None
-
-
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
@@ -129,7 +95,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.root = str(root)
-        self.classes, self.samples = find_images(root)
+        self.classes, self.samples, self.notes = scan_image_folder(root)  # notes: folders that are not classes
         self.image_size = image_size
         self.num_classes = len(self.classes)
 
@@ -139,7 +105,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
         index, flip = key
         path, label = self.samples[index]
-        img = center_crop_arr(load_image(path), self.image_size)
+        img = center_crop_arr(read_image(path), self.image_size)
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return image_to_tensor(img), label
@@ -161,12 +127,18 @@ class LatentDataset(torch.utils.data.Dataset):
         if not meta_path.is_file():
             raise FileNotFoundError(f"{str(path)!r} is not a latent folder from `dit-fast extract-latents` "
                                     f"(no {META_FILE})")
-        self.meta = json.loads(meta_path.read_text())
-        self.moments = np.load(path / LATENTS_FILE, mmap_mode="r")  # (N, 2, 2, C, h, w)
-        self.labels = np.load(path / LABELS_FILE)  # (N,)
-        if self.moments.ndim != 6 or self.moments.shape[1:3] != (2, 2) or len(self.labels) != len(self.moments):
-            raise ValueError(f"corrupt latent folder {str(path)!r}: latents {self.moments.shape}, labels "
-                             f"{self.labels.shape} (expected (N, 2, 2, C, h, w) and (N,))")
+        self.meta = read_latent_meta(meta_path)
+        self.moments = open_npy(path / LATENTS_FILE)  # (N, 2, 2, C, h, w)
+        self.labels = np.asarray(open_npy(path / LABELS_FILE, mmap=False))  # (N,)
+        if self.moments.ndim != 6 or self.moments.shape[1:3] != (2, 2) or self.labels.shape != (len(self.moments),):
+            raise UserError(f"corrupt latent folder {str(path)!r}: latents {self.moments.shape}, labels "
+                            f"{self.labels.shape} (expected (N, 2, 2, C, h, w) and (N,))")
+        if self.moments.dtype not in (np.float16, np.float32) or self.labels.dtype.kind not in "iu":
+            raise UserError(f"corrupt latent folder {str(path)!r}: latents {self.moments.dtype}, labels "
+                            f"{self.labels.dtype} (expected float16/float32 and integers)")
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < len(self.meta["classes"]):
+            raise UserError(f"corrupt latent folder {str(path)!r}: labels outside 0..{len(self.meta['classes']) - 1}, "
+                            f"the classes of {META_FILE}")
         self.in_channels = int(self.moments.shape[3])
         self.latent_size = tuple(int(s) for s in self.moments.shape[4:])
         self.image_size = int(self.meta["image_size"])

@@ -34,11 +34,12 @@ from torch.distributed.checkpoint.state_dict import (
 from dit_fast.checkpoints import check_finite_weights, describe_load_error
 from dit_fast.models.config import DiTConfig
 from dit_fast.utils.distributed import Dist, all_gather_object, all_reduce_max, barrier, broadcast_object
-from dit_fast.utils.files import atomic_save
+from dit_fast.utils.files import atomic_save, sweep_stale_temps_in
 from dit_fast.utils.validation import UserError
 
 CHECKPOINT_FORMAT = "dit-fast-train-v1"
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
+RESUME_KEYS = ("model", "ema", "opt", "config", "step", "epoch", "index", "rng")
 
 
 # ---------------------------------------------------------------------------------------------------- RNG states
@@ -114,9 +115,9 @@ def save_train_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, ema: nn.M
 
 
 def remove_partial_files(ckpt_dir: Path) -> None:
-    """Delete temporary files left in ``ckpt_dir`` by a run killed while writing a checkpoint."""
-    for stale in ckpt_dir.glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
+    """Delete temporary files left in ``ckpt_dir`` by a run killed while writing a checkpoint (only those of
+    processes that are gone: ``files.sweep_stale_temps_in``; the run folder's lock keeps a live writer out)."""
+    sweep_stale_temps_in(ckpt_dir)
 
 
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
@@ -172,7 +173,9 @@ def resolve_resume(resume: str, results_dir: str, log: Callable[[str], None]) ->
         except ValueError as e:
             problems.append(str(e))
             log(f"WARNING: {e}; falling back to the previous checkpoint")
-    raise ValueError("no readable checkpoint to resume from:\n  " + "\n  ".join(problems))
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    raise ValueError(f"no readable checkpoint to resume from ({len(problems)} tried): " + "; ".join(problems))
 
 
 def find_resume(resume: str | None, results_dir: str, config: DiTConfig, d: Dist) -> tuple[dict[str, Any], Path] | None:
@@ -187,6 +190,11 @@ def find_resume(resume: str | None, results_dir: str, config: DiTConfig, d: Dist
     if path is None:
         return None
     ckpt = found[0] if found is not None else load_train_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        what = "no optimizer state ('opt')" if missing == ["opt"] else f"no {', '.join(map(repr, missing))}"
+        raise ValueError(f"{path} has {what}: it cannot be resumed exactly; to fine-tune from its weights, load them "
+                         "with dit_fast.checkpoints")
     check_finite_weights(ckpt["model"], path)
     saved = DiTConfig.from_dict(ckpt["config"])
     if saved != config:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dit_fast.diffusion import create_diffusion
+from dit_fast.diffusion import TimeSampling, create_diffusion, create_transport
 from dit_fast.models.config import DiTConfig, gflops
 from dit_fast.models.dit import DiTFast
 from dit_fast.models.fp8 import enable_fp8
@@ -75,7 +75,9 @@ from dit_fast.utils.distributed import (
     compile_and_shard,
 )
 from dit_fast.utils.hardware import peak_flops
-from dit_fast.utils.validation import Interrupted, check_free_space, check_output_dir
+from dit_fast.utils.lifecycle import init_worker, pause_point, worker_errors
+from dit_fast.utils.runlock import RunLock, discard_if_empty, run_folder_of
+from dit_fast.utils.validation import Interrupted, UserError, check_free_space
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -148,10 +150,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, d: Dist):
         self.cfg, self.d = cfg.resolved(), d
-        cfg = self.cfg
+        requested_size, cfg = cfg.image_size, self.cfg
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype or
                                                                    ("bf16" if d.device.type == "cuda" else "fp32")]
         self.dataset = build_dataset(cfg.data_path, cfg.image_size)
+        self._check_dataset(requested_size)
         self.vae = None
         if isinstance(self.dataset, LatentDataset):
             in_channels, input_size = self.dataset.in_channels, self.dataset.latent_size
@@ -180,29 +183,42 @@ class Trainer:
         epoch_steps = int(cfg.epochs) * steps_per_epoch
         self.total_steps = epoch_steps if cfg.max_steps is None else min(int(cfg.max_steps), epoch_steps)
         self.diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg.diffusion_steps)
+        self.time_sampling = TimeSampling.parse(cfg.time_sampling)
+        self.transport = (create_transport(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps,
+                                           cfg.sample_eps, self.time_sampling) if cfg.objective == "flow" else None)
         self.step, self.epoch, self.index, self.saved_step = 0, 0, 0, None
         self.resumed: dict[str, Any] | None = None
-        self.log, self.notes, self.exp_dir = RunLog(None), [], None  # notes: logged once the folder exists
+        self.log, self.exp_dir, self.lock, self.created = RunLog(None), None, None, False
+        self.notes = list(getattr(self.dataset, "notes", []))  # logged once the folder exists
         if (found := find_resume(cfg.resume, cfg.results_dir, self.config, d)) is not None:
             self.resumed, path = found
-            self.exp_dir = check_output_dir(path.parent, "--resume").parent
-            self.notes.append(f"resuming from {path} (step {self.resumed['step']})")
+            self.exp_dir = run_folder_of(path)  # None: a checkpoint outside a run folder starts a new one
+            self.notes.append(f"resuming from {path} (step {self.resumed['step']})" + (
+                "" if self.exp_dir else "; it is not in a run folder, so this run gets a new one"))
         self._build()
-        self._setup_folder()  # last: no experiment folder for a run that fails its checks
+        check_free_space(self.exp_dir or cfg.results_dir, 16 * self.params,  # model, EMA, AdamW's two moments
+                         f"--results-dir {cfg.results_dir} (a checkpoint of {self.params:,} parameters)")
 
     # -- setup
 
+    def _check_dataset(self, requested_size: int | None) -> None:
+        """A latent folder fixes the image size: an explicit, different ``--image-size`` is refused."""
+        ds = self.dataset
+        if isinstance(ds, LatentDataset) and requested_size is not None and requested_size != ds.image_size:
+            raise UserError(f"--image-size {requested_size}: the latent folder {self.cfg.data_path} was extracted at "
+                            f"{ds.image_size} (latents {ds.latent_size}); drop --image-size or extract again")
+
     def _setup_folder(self) -> None:
-        """The experiment folder (a new NNN-<model> unless resuming), with room for a checkpoint: the model, the EMA
-        and AdamW's two moments, four fp32 copies of the parameters."""
+        """The run folder (a new NNN-<model> unless resuming in one), locked for this process (``RunLock``: a second
+        writer fails naming this one), then the temporaries of killed writers swept."""
         cfg, d = self.cfg, self.d
-        check_free_space(self.exp_dir or cfg.results_dir, 16 * self.params,
-                         f"--results-dir {cfg.results_dir} (a checkpoint of {self.params:,} parameters)")
         if self.exp_dir is None:
             name = cfg.model or ("DiT-digits" if cfg.data_path is None else "DiT-XL/2")
             path = new_experiment_dir(cfg.results_dir, name) if d.is_main else None
             self.exp_dir = Path(broadcast_object(None if path is None else str(path), d))
-        elif d.is_main:
+            self.created = True
+        if d.is_main:
+            self.lock = RunLock(self.exp_dir).acquire()
             remove_partial_files(self.exp_dir / "checkpoints")
         self.ckpt_dir = self.exp_dir / "checkpoints"
         self.log = RunLog(self.exp_dir if d.is_main else None)
@@ -257,7 +273,12 @@ class Trainer:
         g = step_generator(self.cfg.global_seed, self.step, dev)
         sl = slice(self.d.rank * self.local_batch, (self.d.rank + 1) * self.local_batch)
         shape = (g_batch, self.config.in_channels, *self.config.grid_input)
-        t = torch.randint(0, self.diffusion.num_timesteps, (g_batch,), generator=g, device=dev)[sl]
+        if self.transport is not None:
+            t = self.transport.sample_time(g_batch, generator=g, device=dev)[sl]  # flow times in [0, 1]
+        elif self.time_sampling.kind == "uniform":  # the official draw (bit-identical to before)
+            t = torch.randint(0, self.diffusion.num_timesteps, (g_batch,), generator=g, device=dev)[sl]
+        else:
+            t = self.time_sampling.ddpm_timesteps(g_batch, self.diffusion.num_timesteps, generator=g, device=dev)[sl]
         noise = torch.randn(shape, generator=g, device=dev)[sl]
         drop = (torch.rand(g_batch, generator=g, device=dev) < self.config.class_dropout_prob)[sl]
         y = torch.where(drop, torch.full_like(y, self.config.num_classes), y)
@@ -280,7 +301,11 @@ class Trainer:
         lr = self.cfg.lr * (min(1.0, (self.step + 1) / warm) if warm else 1.0)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        terms = self.diffusion.training_losses(self._forward, x, t, model_kwargs={"y": y}, noise=noise)
+        if self.transport is not None:
+            terms = self.transport.training_losses(self._forward, x, {"y": y}, t=t, noise=noise)
+            terms["mse"] = terms["loss"]
+        else:
+            terms = self.diffusion.training_losses(self._forward, x, t, model_kwargs={"y": y}, noise=noise)
         loss = terms["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -298,10 +323,17 @@ class Trainer:
         check_finite_losses(window, self.step, self.saved_step, self.ckpt_dir, self.d)
         path = save_train_checkpoint(self.ckpt_dir, self.step, self.model, self.ema, self.opt, self.d,
                                      self.cfg.keep_last, args=self.cfg.to_dict(), config=self.config.to_dict(),
-                                     epoch=self.epoch, index=self.index, global_batch_size=self.global_batch)
+                                     epoch=self.epoch, index=self.index, global_batch_size=self.global_batch,
+                                     objective=self.objective())
         self.saved_step = self.step
         if path is not None:
             self.log(f"saved checkpoint {path}")
+
+    def objective(self) -> dict[str, Any]:
+        """The training objective as checkpoints store it: {"name": "ddpm" | "flow", ...its settings}."""
+        if self.transport is not None:
+            return {"name": "flow", **self.transport.to_dict()}
+        return {"name": "ddpm", "diffusion_steps": self.cfg.diffusion_steps, "time_sampling": self.time_sampling.spec}
 
     # -- loop
 
@@ -317,7 +349,18 @@ class Trainer:
             return
         yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
                                                collate_fn=collate, pin_memory=self.d.device.type == "cuda",
-                                               persistent_workers=False, worker_init_fn=StopSignals.ignore)
+                                               persistent_workers=False, worker_init_fn=init_worker)
+
+    def _next(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], stop: StopSignals
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next batch; None at the end, or when a stop signal also ended the data-loading workers (a scheduler's
+        SIGTERM to the whole job), so that the run still saves its checkpoint."""
+        try:
+            return next(batches, None)
+        except RuntimeError:
+            if stop.signum is None:
+                raise
+            return None
 
     def log_window(self, window: list[dict[str, torch.Tensor]], t0: float, start: float, train_flops: float,
                    peak: float | None, bar: tqdm) -> None:
@@ -340,6 +383,23 @@ class Trainer:
                       "mfu": "" if mfu is None else mfu, "elapsed_s": now - start})
 
     def run(self) -> None:
+        """Make (or lock) the run folder and train; a new run stopped before its first checkpoint (an error, Ctrl-C
+        or SIGTERM in its first seconds) leaves no folder behind."""
+        try:
+            self._setup_folder()
+            pause_point("train:setup")  # fault-injection tests: the folder exists, no checkpoint yet
+            self._train()
+        except BaseException:
+            if self.d.is_main and self.created and discard_if_empty(self.exp_dir):
+                self.exp_dir = None
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the lock is held from ``run`` until here: the evaluation writes there too)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _train(self) -> None:
         cfg, d = self.cfg, self.d
         self.log(f"DiT {self.config} | {self.params:,} parameters | impl {cfg.impl} | "
                  f"{len(self.dataset):,} samples ({cfg.data_path or 'built-in digits'}) | world size "
@@ -358,9 +418,9 @@ class Trainer:
         window: list[dict[str, torch.Tensor]] = []
         t0 = time.perf_counter()
         start = t0
-        with StopSignals() as stop:
+        with StopSignals() as stop, worker_errors():
             batches = self.batches()
-            while not stop.requested(d) and (batch := next(batches, None)) is not None:
+            while not stop.requested(d) and (batch := self._next(batches, stop)) is not None:
                 if self.index + self.global_batch > len(self.dataset):
                     self.epoch, self.index = self.epoch + 1, 0
                 window.append(self.train_step(*batch))
@@ -393,6 +453,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def evaluate_digits_run(trainer: Trainer) -> dict[str, Any]:
     """Sample the trained EMA model on every digit class, write a grid PNG, score guided and unguided samples."""
     cfg = trainer.cfg
+    sampler = cfg.eval_sampler or ("ddpm" if trainer.transport is None else "ode-heun")
+    steps = cfg.eval_steps or (26 if sampler == "ode-heun" else 100)
     return evaluate_digits_model(trainer.ema, trainer.exp_dir, num_samples=cfg.eval_samples,
-                                 cfg_scale=cfg.eval_cfg_scale, sampler=cfg.eval_sampler, num_steps=cfg.eval_steps,
-                                 seed=cfg.global_seed, device=trainer.d.device, log=trainer.log)
+                                 cfg_scale=cfg.eval_cfg_scale, sampler=sampler, num_steps=steps,
+                                 seed=cfg.global_seed, device=trainer.d.device, log=trainer.log,
+                                 transport=trainer.transport)

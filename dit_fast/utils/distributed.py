@@ -10,7 +10,6 @@ CPUs; ``cleanup`` leaves the group.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from dit_fast.utils.environment import read_dist_env
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,14 @@ class Dist:
 def setup_distributed(device: str | None) -> Dist:
     """Join the ``torchrun`` process group if launched by torchrun (nccl on GPU, gloo on CPU), else one process.
 
-    ``device``: "cuda", "cpu" or None (cuda when available); on CUDA each process takes GPU ``LOCAL_RANK``.
-    RuntimeError when CUDA is requested and absent.
+    ``device``: "cuda", "cuda:N", "cpu" or None (cuda when available); on CUDA each process takes GPU
+    ``LOCAL_RANK``. The torchrun variables are checked first (``environment.read_dist_env``: a half-set or
+    malformed environment is a UserError naming the variable); RuntimeError when CUDA is requested and absent.
     """
+    env = read_dist_env()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank, local_rank = env.world_size, env.rank, env.local_rank
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -130,14 +132,6 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-
-    @staticmethod
-    def ignore(worker_id: int = 0) -> None:
-        """Ignore SIGINT and SIGTERM in this process: the ``worker_init_fn`` of data-loading workers, which a Ctrl-C
-        (sent to the whole process group) or a scheduler's SIGTERM would otherwise kill while the main process
-        finishes its step and saves; the workers still end with the main process."""
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:

@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+SEED_MAX = 2**32 - 1  # seeds are mixed as 32-bit words (numpy's SeedSequence): a larger one would alias a smaller
+
 
 class UserError(ValueError):
     """Bad input or an environment the user can fix; the message says what is wrong (and what to do)."""
