@@ -25,7 +25,8 @@ further from the fp32 reference than its dtype allows: the suite checks parity w
   ``tolerance`` and ``parity_ok``: the bound it was held to and whether it passed;
 - ``model`` / ``model_gflops``: config name and its per-image forward cost in the paper's convention
   (multiply-add = 1 flop, ``dit_fast.gflops``);
-- ``ceiling_gflops``: the matmul ceiling measured in the same run; ``frac_ceiling`` = gflops / ceiling_gflops;
+- ``ceiling_gflops``, ``ceiling_route``: the GEMM ceiling measured in the same run in the case's dtype (the fastest
+  route over the model's linear shapes, ``measure_matmul_ceiling``); ``frac_ceiling`` = gflops / ceiling_gflops;
   on a GPU also ``mfu`` (the same ratio, the usual name there) and, for GPUs with a known datasheet, ``mfu_datasheet``
   (against NVIDIA's dense bf16/fp16 tensor-core peak from ``dit_fast.utils.hardware``: an upper bound no kernel
   reaches);
@@ -54,9 +55,11 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.report import IMPL_ORDER
+from benchmarks.impls import IMPLS as _IMPLS
+from dit_fast.kernels.linear import onednn_linear, onednn_supports
 from dit_fast.models.config import CONFIGS, DiTConfig, get_config, gflops
 from dit_fast.reference import DiT
 from dit_fast.utils.hardware import peak_flops
@@ -68,8 +71,8 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 # Parity bound per dtype: norm-wise relative error against the fp32 reference (see ``parity_tolerance``).
 DTYPE_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
-# Implementations compared in each group, in report order; "reference" (eager, plain PyTorch) is the baseline.
-IMPLS: tuple[str, ...] = IMPL_ORDER
+# Implementations compared in each group (``benchmarks.impls``), in report order; "reference" is the baseline.
+IMPLS: tuple[str, ...] = _IMPLS
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,26 @@ def oracle_model(config_name: str, device: torch.device, numerics: str = "offici
     return model.eval().requires_grad_(False)
 
 
+def build_model(config: DiTConfig, device: torch.device, dtype: torch.dtype = torch.float32, *, fast: bool,
+                kernels: str = "auto", attention: str = "auto", state_dict: dict[str, torch.Tensor] | None = None,
+                seed: int = 0) -> nn.Module:
+    """The suite's one model factory: the plain reference ``DiT`` (``fast=False``) or ``DiTFast`` (with ``kernels``
+    and ``attention``) of ``config`` on ``device``, in eval mode without gradients, its weights ``state_dict`` (else
+    the paper's init seeded by ``seed``), cast once to ``dtype`` as sampling does (``DiTFast.for_inference``: bf16
+    weights, fp32 residual stream; the reference: ``.to(dtype)``)."""
+    from dit_fast.models.dit import DiTFast
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = (DiTFast.from_config(config, kernels=kernels, attention=attention) if fast
+                 else DiT.from_config(config))
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    if isinstance(model, DiTFast):
+        return model.for_inference(dtype)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
 def import_or_skip(module: str, what: str) -> Any:
     """Import ``module`` or skip the calling case, naming ``what`` needs it and why the import failed."""
     try:
@@ -312,14 +335,12 @@ def impl_model(impl: str, config_name: str, device: torch.device, dtype: torch.d
     reference = reference_model(config_name, device, seed)
     config = reference.config
     if impl == "reference":
-        module = copy.deepcopy(reference).to(dtype)
+        module = build_model(config, device, dtype, fast=False, state_dict=reference.state_dict())
         return ModelImpl(impl, module, config, dtype, "official", module)
     if impl == "dit_fast":
-        model_mod = import_or_skip("dit_fast.models.dit", "the dit_fast implementation")
-        with torch.device(device):
-            module = model_mod.DiTFast.from_config(config)  # kernels/attention "auto": the best available here
-        module.load_state_dict(reference.state_dict(), strict=True)
-        module = module.to(dtype).eval().requires_grad_(False)
+        import_or_skip("dit_fast.models.dit", "the dit_fast implementation")
+        # kernels/attention "auto": the best available here; bf16/fp16 weights cast once, fp32 residual stream
+        module = build_model(config, device, dtype, fast=True, state_dict=reference.state_dict())
         return ModelImpl(impl, module, config, dtype, "official", module)
     # diffusers' DiTTransformer2DModel with the same weights, through our converter.
     if importlib.util.find_spec("diffusers") is None:
@@ -438,55 +459,107 @@ def kernel_seconds(benchmark: Any, call: Callable[[], Any], device: torch.device
 
 # -------------------------------------------------------------------------------------------------- ceiling
 
-CEILING_SIZE: dict[str, int] = {"cpu": 2048, "cuda": 8192}
+# The model level's shapes size the ceiling when a run names none (the scaling sweep shares the model level's).
+CEILING_DEFAULT: dict[str, tuple[str, int]] = {"cpu": ("DiT-S/2", 8), "cuda": ("DiT-XL/2", 64)}
+GemmRoute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class MatmulCeiling:
-    """Throughput of a square n x n x n matmul in the run's dtype, measured in the same run as the cases.
+    """The machine's GEMM ceiling in the run's dtype: the fastest route over the model's own linear shapes, measured
+    in the same run as the cases.
 
-    ``gflops``: the best achieved GFLOP/s (2 n^3 per matmul) over the repeats, a ceiling being the fastest the
-    hardware was seen to go (robust to a shared machine's noise); ``datasheet_gflops``: the GPU's datasheet tensor-core
+    ``gflops``: the best route's throughput (2 x multiply-adds over the best time, a ceiling being the fastest the
+    hardware was seen to go, robust to a shared machine's noise) on one pass over ``shapes`` (M, K, N), the distinct
+    linears of one forward (qkv, attention projection, fc1, fc2 at M = batch x tokens); ``route``: which route that
+    was; ``routes``: every route's GFLOP/s (``gemm_routes``); ``datasheet_gflops``: the GPU's datasheet tensor-core
     peak for bf16/fp16, when known (None on a CPU, in fp32, or for other GPUs).
     """
 
     gflops: float
-    n: int
+    route: str
+    routes: dict[str, float]
+    shapes: tuple[tuple[int, int, int], ...]
     dtype: torch.dtype
     device: str
     datasheet_gflops: float | None
 
+    def describe(self) -> str:
+        """One line: the ceiling, its route and every route's figure."""
+        others = ", ".join(f"{name} {value:,.1f}" for name, value in self.routes.items())
+        shapes = ", ".join("x".join(map(str, shape)) for shape in self.shapes)
+        return (f"{_dtype_name(self.dtype)} GEMM ceiling {self.gflops:,.1f} GFLOP/s ({self.route}) over the model's "
+                f"linears (MxKxN {shapes}); routes: {others}")
 
-def matmul_operands(device: torch.device, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two (n, n) N(0, 1) matrices for the ceiling matmul."""
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, dt in DTYPES.items() if dt == dtype)
+
+
+def gemm_shapes(config_name: str, batch: int) -> tuple[tuple[int, int, int], ...]:
+    """The distinct (M, K, N) of one forward's linears: qkv, attention projection, fc1, fc2 (M = batch x tokens)."""
+    cfg = get_config(config_name)
+    m, d, hidden = batch * cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden
+    return ((m, d, 3 * d), (m, d, d), (m, d, hidden), (m, hidden, d))
+
+
+def gemm_routes(device: torch.device, dtype: torch.dtype) -> dict[str, GemmRoute]:
+    """The routes a GEMM ``x (M, K) @ w (N, K)^T`` in ``dtype`` can take on ``device``: ``torch.matmul``,
+    ``F.linear``, and on the CPU oneDNN's linear in ``dtype`` (where oneDNN supports it) and, for bf16/fp16, oneDNN
+    in fp32 on widened operands (the weight widened on every call, as the model does; the result rounded back)."""
+    routes: dict[str, GemmRoute] = {"matmul": lambda x, w: x @ w.t(), "F.linear": lambda x, w: F.linear(x, w)}
+    if device.type == "cpu":
+        if onednn_supports(dtype):
+            routes["oneDNN"] = lambda x, w: onednn_linear(x, w, None, False)
+        if dtype != torch.float32 and onednn_supports(torch.float32):
+            routes["oneDNN fp32-widened"] = lambda x, w: onednn_linear(x.float(), w.float(), None, False).to(x.dtype)
+    return routes
+
+
+def ceiling_cases(device: torch.device, dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]]
+                  ) -> dict[str, tuple[Callable[[], None], float]]:
+    """Per route: a call running one GEMM of every shape (random N(0, 1) operands), and its GFLOP."""
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(n, n, generator=gen).to(device, dtype), torch.randn(n, n, generator=gen).to(device, dtype))
+    operands = [(torch.randn(m, k, generator=gen).to(device, dtype), torch.randn(n, k, generator=gen).to(device, dtype))
+                for m, k, n in shapes]
+    gflop = sum(2.0 * m * k * n for m, k, n in shapes) / 1e9
+
+    def case(route: GemmRoute) -> Callable[[], None]:
+        def run() -> None:
+            for x, w in operands:
+                route(x, w)
+        return run
+
+    return {name: (case(route), gflop) for name, route in gemm_routes(device, dtype).items()}
 
 
-def measure_matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = None,
-                           repeats: int = 5) -> MatmulCeiling:
-    """Best throughput of ``repeats`` n x n x n matmuls after one warm-up (CUDA events on a GPU)."""
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    n = n or CEILING_SIZE[kind]
-    a, b = matmul_operands(device, dtype, n)
-    a @ b
+def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
     synchronize(device)
-    seconds = []
-    for _ in range(repeats):
-        if kind == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            a @ b
-            end.record()
-            end.synchronize()
-            seconds.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            seconds.append(time.perf_counter() - t0)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_matmul_ceiling(device: torch.device, dtype: torch.dtype, config_name: str | None = None,
+                           batch: int | None = None, repeats: int = 3) -> MatmulCeiling:
+    """Best throughput of every route (``gemm_routes``) over the linear shapes of ``config_name`` at ``batch``
+    (default: the model level's), after one warm-up each; the routes alternate within each repeat."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    config_name = config_name or CEILING_DEFAULT[kind][0]
+    shapes = gemm_shapes(config_name, batch or CEILING_DEFAULT[kind][1])
+    cases = ceiling_cases(device, dtype, shapes)
+    best = {name: float("inf") for name in cases}
+    for repeat in range(repeats + 1):
+        for name, (fn, _) in cases.items():
+            seconds = _seconds(fn, device)
+            if repeat:
+                best[name] = min(best[name], seconds)
+    routes = {name: cases[name][1] / best[name] for name in cases}
+    route = max(routes, key=routes.__getitem__)
     peak = peak_flops(device, dtype) if dtype in (torch.bfloat16, torch.float16) else None
-    return MatmulCeiling(gflops=2.0 * n**3 / min(seconds) / 1e9, n=n, dtype=dtype, device=device_name(device),
-                         datasheet_gflops=None if peak is None else peak / 1e9)
+    return MatmulCeiling(gflops=routes[route], route=route, routes=routes, shapes=shapes, dtype=dtype,
+                         device=device_name(device), datasheet_gflops=None if peak is None else peak / 1e9)
 
 
 # -------------------------------------------------------------------------------------------------- recording
@@ -524,7 +597,7 @@ def record_and_check(benchmark: Any, *, impl: str, case: str, gflop: float, imag
     info: dict[str, Any] = {
         "impl": impl, "case": case, "gflop": gflop, "images": images, "max_rel_err": err, "tolerance": tol,
         "parity_ok": err <= tol, "dtype": settings.dtype_name, "device": str(settings.device),
-        "ceiling_gflops": ceiling.gflops,
+        "ceiling_gflops": ceiling.gflops, "ceiling_route": ceiling.route,
     }
     if model is not None:
         info.update(model=model, model_gflops=gflops(model))

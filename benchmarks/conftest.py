@@ -2,8 +2,9 @@
 
 - ``--dit-*`` options size a run (``pytest benchmarks/ --help`` lists them under "dit-fast benchmarks");
 - ``bench_settings``: the resolved ``benchmarks.common.BenchSettings``;
-- ``matmul_ceiling``: the run's ``benchmarks.common.MatmulCeiling`` (fp32 on a CPU, bf16 on a GPU by default),
-  measured once per session so every case's "fraction of ceiling" is a ratio of one run;
+- ``matmul_ceiling``: the run's ``benchmarks.common.MatmulCeiling`` in the run's dtype (the fastest GEMM route over
+  the model level's linear shapes), measured once per session so every case's "fraction of ceiling" is a ratio of
+  one run;
 - ``profile_case``: ``profile_case(benchmark, fn)`` stores a ``torch.profiler`` summary of ``fn`` in the case's
   ``extra_info["profile"]`` when the run has ``--dit-profile`` (``benchmarks.profiling``), else does nothing;
 - an interrupted session keeps what it finished: SIGINT always interrupts (also where a shell started the run in the
@@ -81,7 +82,8 @@ def bench_settings(pytestconfig: pytest.Config) -> BenchSettings:
 
 @pytest.fixture(scope="session")
 def matmul_ceiling(bench_settings: BenchSettings) -> MatmulCeiling:
-    return measure_matmul_ceiling(bench_settings.device, bench_settings.dtype)
+    size = bench_settings.sizing("model")  # the ceiling's GEMM shapes: the model level's linears
+    return measure_matmul_ceiling(bench_settings.device, bench_settings.dtype, size.config, size.batch)
 
 
 @pytest.fixture(scope="session")

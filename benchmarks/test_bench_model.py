@@ -15,8 +15,8 @@ bf16. For example::
 
 pytest-benchmark times one implementation after another, so on a shared machine a change of load between cases
 skews their ratios. ``python -m benchmarks.test_bench_model`` measures the same cases interleaved instead (every
-round times each implementation and the matmul ceiling once, in turn) and prints the median over rounds of each
-round's ratios, which such load changes affect far less.
+round times each implementation and every GEMM route of the ceiling once, in turn) and prints the median over rounds
+of each round's ratios, which such load changes affect far less; ``--forward-only`` skips the training steps.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -33,14 +34,14 @@ import torch
 from torch import nn
 
 from benchmarks.common import (
-    CEILING_SIZE,
     BenchSettings,
     MatmulCeiling,
+    ceiling_cases,
     compile_regionally,
     forward_gflop,
+    gemm_shapes,
     impl_model,
     make_inputs,
-    matmul_operands,
     max_rel_err,
     oracle_model,
     record_and_check,
@@ -147,23 +148,28 @@ def test_train_step(benchmark, bench_settings: BenchSettings, matmul_ceiling: Ma
                      settings=bench_settings, ceiling=matmul_ceiling, model=size.config, reference_err=reference_err)
 
 
-def interleaved_ratios(config_name: str, batch: int, rounds: int, device: torch.device, dtype: torch.dtype
-                       ) -> dict[str, dict[str, float]]:
-    """Time every (mode, impl) case and the matmul ceiling once per round, in turn, for ``rounds`` rounds.
+def interleaved_ratios(config_name: str, batch: int, rounds: int, device: torch.device, dtype: torch.dtype,
+                       modes: tuple[str, ...] = ("forward", "train")) -> dict[str, dict[str, float]]:
+    """Time every (mode, impl) case and every GEMM route of the ceiling once per round, in turn, for ``rounds``
+    rounds (after a warm-up round that also compiles).
 
-    Returns ``{"forward <impl>" | "train <impl>": {"seconds", "gflops", "x_reference", "x_reference_compile",
-    "frac_ceiling"}, "ceiling": {"seconds", "gflops"}}``: medians over rounds, each ratio taken within a round.
+    Returns ``{"<mode> <impl>": {"seconds", "gflops", "x_reference", "x_reference_compile", "frac_ceiling"},
+    "ceiling <route>": {"seconds", "gflops"}}``: medians over rounds, each ratio taken within a round, the ceiling of
+    a round being its fastest route over the model's linear shapes (``benchmarks.common.gemm_shapes``).
     """
     x, t, y = make_inputs(config_name, batch, device)
     x = x.to(dtype)
-    a, b = matmul_operands(device, dtype, CEILING_SIZE["cuda" if device.type == "cuda" else "cpu"])
-    cases: dict[str, tuple[Callable[[], object], float]] = {"ceiling": (lambda: a @ b, 2.0 * a.shape[0] ** 3 / 1e9)}
+    cases = {f"ceiling {route}": case for route, case in
+             ceiling_cases(device, dtype, gemm_shapes(config_name, batch)).items()}
     for impl in TRAIN_IMPLS:
-        model = impl_model(impl, config_name, device, dtype)
-        trainable = trainable_model(impl, config_name, device, dtype)
-        cases[f"forward {impl}"] = (functools.partial(_no_grad_call, model, x, t, y), forward_gflop(config_name, batch))
-        cases[f"train {impl}"] = (functools.partial(_backward, trainable, x, t, y),
-                                  3 * forward_gflop(config_name, batch))
+        if "forward" in modes:
+            model = impl_model(impl, config_name, device, dtype)
+            cases[f"forward {impl}"] = (functools.partial(_no_grad_call, model, x, t, y),
+                                        forward_gflop(config_name, batch))
+        if "train" in modes:
+            trainable = trainable_model(impl, config_name, device, dtype)
+            cases[f"train {impl}"] = (functools.partial(_backward, trainable, x, t, y),
+                                      3 * forward_gflop(config_name, batch))
     seconds: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(rounds + 1):  # round 0 warms up (and compiles)
         for name, (fn, _) in cases.items():
@@ -173,17 +179,19 @@ def interleaved_ratios(config_name: str, batch: int, rounds: int, device: torch.
             synchronize(device)
             if round_:
                 seconds[name].append(time.perf_counter() - start)
+    ceiling_names = [name for name in cases if name.startswith("ceiling ")]
+    ceiling_per_round = [max(cases[c][1] / seconds[c][r] for c in ceiling_names) for r in range(rounds)]
     result: dict[str, dict[str, float]] = {}
     for name, (_, gflop) in cases.items():
         times = seconds[name]
         row = {"seconds": statistics.median(times), "gflops": gflop / statistics.median(times)}
-        if name != "ceiling":
+        if not name.startswith("ceiling "):
             mode = name.split()[0]
             base, base_c = seconds[f"{mode} reference"], seconds[f"{mode} reference+compile"]
             row["x_reference"] = statistics.median(r / s for r, s in zip(base, times, strict=True))
             row["x_reference_compile"] = statistics.median(r / s for r, s in zip(base_c, times, strict=True))
-            row["frac_ceiling"] = statistics.median(c * gflop / (s * cases["ceiling"][1])
-                                                    for c, s in zip(seconds["ceiling"], times, strict=True))
+            row["frac_ceiling"] = statistics.median(gflop / (s * c)
+                                                    for c, s in zip(ceiling_per_round, times, strict=True))
         result[name] = row
     return result
 
@@ -202,16 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), fp32, bf16, fp16")
+    parser.add_argument("--forward-only", action="store_true", help="time inference forwards only (no train steps)")
     args = parser.parse_args(argv)
     settings = BenchSettings.from_options(device=args.device, dtype=args.dtype, config=args.config)
     config_name = settings.config or ("DiT-XL/2" if settings.kind == "cuda" else "DiT-S/2")
     batch = args.batch or (64 if settings.kind == "cuda" else 8)
-    result = interleaved_ratios(config_name, batch, args.rounds, settings.device, settings.dtype)
+    modes = ("forward",) if args.forward_only else ("forward", "train")
+    load = os.getloadavg()
+    result = interleaved_ratios(config_name, batch, args.rounds, settings.device, settings.dtype, modes)
     print(f"{config_name} batch {batch} {settings.dtype_name} on {settings.device}, {args.rounds} interleaved rounds; "
-          f"matmul ceiling {result['ceiling']['gflops']:.1f} GFLOP/s (median)")
+          f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    for name, row in result.items():
+        if name.startswith("ceiling "):
+            print(f"{name:<28} {row['seconds']:>9.3f} s {row['gflops']:>8.1f} GFLOP/s (median)")
     print(f"{'case':<28} {'median s':>9} {'GFLOP/s':>8} {'x ref':>7} {'x ref+compile':>14} {'of ceiling':>11}")
     for name, row in result.items():
-        if name != "ceiling":
+        if not name.startswith("ceiling "):
             print(f"{name:<28} {row['seconds']:>9.3f} {row['gflops']:>8.1f} {row['x_reference']:>6.2f}x "
                   f"{row['x_reference_compile']:>13.2f}x {row['frac_ceiling']:>10.1%}")
     return 0

@@ -3,8 +3,9 @@
 The paper analyses DiT cost by Gflops (S/B/L/XL x patch 8/4/2); this sweep times one inference forward of each
 config ("scaling forward" group, case = config and batch) for the plain reference and DiTFast, eager, and records
 achieved GFLOP/s (hardware FLOPs: 2 x the paper's Gflops x batch / median time) and the fraction of the matmul
-ceiling. The ceiling itself is its own case ("matmul ceiling" group): an n x n x n matmul in the run's dtype (fp32
-on a CPU, bf16 on a GPU), timed in the same run. Compiled variants are left to the model level
+ceiling. The ceiling itself is its own case ("matmul ceiling" group): one pass over the model level's linear
+shapes on the fastest GEMM route in the run's dtype (``benchmarks.common.measure_matmul_ceiling``), timed in the
+same run. Compiled variants are left to the model level
 (``test_bench_model.py``): compiling twelve models would dominate the run.
 
 Sizes: every config at batch 16 on a GPU; DiT-S/8, S/4, S/2 and B/8 at batch 2 on a CPU (``--dit-scaling-configs``,
@@ -19,10 +20,11 @@ import torch
 from benchmarks.common import (
     BenchSettings,
     MatmulCeiling,
+    ceiling_cases,
     forward_gflop,
+    gemm_routes,
     impl_model,
     make_inputs,
-    matmul_operands,
     max_rel_err,
     oracle_model,
     record_and_check,
@@ -80,13 +82,17 @@ def test_scaling_forward(benchmark, bench_settings: BenchSettings, matmul_ceilin
 
 
 def test_matmul_ceiling(benchmark, bench_settings: BenchSettings, matmul_ceiling: MatmulCeiling) -> None:
-    """The run's matmul ceiling as a benchmark case: n x n x n in the run's dtype (result checked in fp32)."""
+    """The run's GEMM ceiling as a benchmark case: its fastest route over the model's linear shapes, run's dtype."""
     benchmark.group = "matmul ceiling"
-    device, dtype, n = bench_settings.device, bench_settings.dtype, matmul_ceiling.n
-    a, b = matmul_operands(device, dtype, n)
-    out = run_timed(benchmark, lambda: a @ b, device, bench_settings.sizing("scaling").rounds)
+    run, gflop = ceiling_cases(bench_settings.device, bench_settings.dtype, matmul_ceiling.shapes)[matmul_ceiling.route]
+    device, dtype = bench_settings.device, bench_settings.dtype
+    run_timed(benchmark, run, device, bench_settings.sizing("scaling").rounds)
+    gen = torch.Generator().manual_seed(0)
+    m, k, n = matmul_ceiling.shapes[0]
+    x, w = (torch.randn(rows, k, generator=gen).to(device, dtype) for rows in (m, n))
+    out = gemm_routes(device, dtype)[matmul_ceiling.route](x, w)  # the route's result, checked in fp32
     with strict_fp32():
-        exact = a.float() @ b.float()
-    record_and_check(benchmark, impl="matmul", case=f"{n}x{n}x{n} {bench_settings.dtype_name}",
-                     gflop=2.0 * n**3 / 1e9, images=None, output=out, oracle=exact, settings=bench_settings,
-                     ceiling=matmul_ceiling, n=n)
+        exact = x.float() @ w.float().t()
+    record_and_check(benchmark, impl="matmul", case=f"{matmul_ceiling.route} {bench_settings.dtype_name}",
+                     gflop=gflop, images=None, output=out, oracle=exact, settings=bench_settings,
+                     ceiling=matmul_ceiling, route=matmul_ceiling.route, routes=matmul_ceiling.routes)

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
@@ -80,6 +79,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from benchmarks.common import build_model
 from benchmarks.report import traffic_section
 
 IMPLS: dict[str, str] = {
@@ -375,25 +375,16 @@ def _kernels_env(impl: str, device: torch.device) -> Iterator[None]:
             os.environ["TRITON_INTERPRET"] = old
 
 
-def build_model(impl: str, config: Any, device: torch.device, mode: str, attention: str = "auto",
-                seed: int = 0) -> nn.Module:
-    """``impl`` of ``config`` (a ``DiTConfig``) on ``device`` in eval mode, bf16 weights for ``mode == "bf16"``.
-
-    Every implementation gets the same seeded weights (the paper's init; values do not change what is traced).
-    """
-    from dit_fast.models.dit import DiTFast
-    from dit_fast.reference import DiT
-
+def traced_model(impl: str, config: Any, device: torch.device, mode: str, attention: str = "auto",
+                 seed: int = 0) -> nn.Module:
+    """``impl`` of ``config`` (a ``DiTConfig``) on ``device`` from the suite's one factory
+    (``benchmarks.common.build_model``), bf16 weights for ``mode == "bf16"``; every implementation gets the same
+    seeded weights (the paper's init; values do not change what is traced)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
-    torch.manual_seed(seed)
-    with torch.device(device):
-        if impl == "reference":
-            model: nn.Module = DiT.from_config(config)
-        else:
-            model = DiTFast.from_config(config, kernels=impl.removeprefix("dit_fast-"), attention=attention)
-    model = model.eval().requires_grad_(False)
-    return model.to(torch.bfloat16) if mode == "bf16" else model
+    fast = impl != "reference"
+    return build_model(config, device, torch.bfloat16 if mode == "bf16" else torch.float32, fast=fast,
+                       kernels=impl.removeprefix("dit_fast-") if fast else "auto", attention=attention, seed=seed)
 
 
 def forward_inputs(config: Any, batch: int, device: torch.device, mode: str, seed: int = 0
@@ -417,12 +408,9 @@ def measure(config: Any, batch: int, device: torch.device, impls: Sequence[str] 
     """
     results = []
     for impl in impls:
-        base = None
         for mode in modes:
             with _kernels_env(impl, device):
-                if base is None:
-                    base = build_model(impl, config, device, "fp32", attention)
-                model = copy.deepcopy(base).to(torch.bfloat16) if mode == "bf16" else base
+                model = traced_model(impl, config, device, mode, attention)
                 x, t, y = forward_inputs(config, batch, device, mode)
                 traffic = trace_forward(model, x, t, y, impl=impl, mode=mode)
             if impl == "dit_fast-triton" and not any(k.op.startswith("dit_fast.") and "onednn" not in k.op

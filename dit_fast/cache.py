@@ -265,15 +265,14 @@ class StepCache:
 
         return forward
 
-    def _branch_forward(self, index: int, compute: Callable[[torch.Tensor], torch.Tensor]
-                        ) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _branch_forward(self, index: int, compute: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         probes = index == 0 and self.policy.needs_probe
 
-        def forward(h: torch.Tensor) -> torch.Tensor:  # h: (N, T, D) -> (N, T, D)
+        def forward(h: torch.Tensor, *args: Any) -> torch.Tensor:  # h: (N, T, D) -> (N, T, D); args: e.g. the ops
             if probes:
                 self._begin_step(h)
             if self._full:
-                out = compute(h)
+                out = compute(h, *args)
                 self._record(index, out)
                 return out
             return self._predict(index)
@@ -333,7 +332,7 @@ class StepCache:
             raise RuntimeError("step cache: a cached step before any full step (the model's blocks were called out "
                                "of order)")
         if len(terms) == 1:
-            return terms[0]
+            return terms[0].to(self._dtypes[index])  # a Taylor policy keeps its first term in fp32
         k = float(self._since_full)
         out = terms[0].add(terms[1], alpha=k)
         if len(terms) > 2:  # Newton's backward-difference form: exact for quadratics at a steady full-step gap

@@ -81,7 +81,7 @@ def test_markdown_report_tables(tmp_path):
     assert "| DiT-S/2 batch 2 | dit_fast | 200 ms | 10 | 121.0 | 2.00x | - | 121.0% | 3.0e-07 (<= 1e-04) |" in text
     assert "5.0e-03 (<= 1e-03) **FAIL**" in text and "## Parity failures" in text
     assert "| fwd B=32 | dit_fast | 100 us | - | - | 500.0 |" in text  # GB/s column only in that group
-    assert "Matmul ceiling: 100.0 GFLOP/s" in text and "(2048x2048x2048 fp32) timed by pytest-benchmark: 85.9" in text
+    assert "GEMM ceiling: 100.0 GFLOP/s" in text and "(2048x2048x2048 fp32) timed by pytest-benchmark: 85.9" in text
     if plot is not None:  # matplotlib installed (the dev extra)
         assert plot == tmp_path / "run.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "![achieved GFLOP/s against model Gflops](run.png)" in text
@@ -122,7 +122,8 @@ def stub_benchmark(median: float | None) -> SimpleNamespace:
 
 def test_record_and_check_records_then_fails_over_tolerance():
     settings = BenchSettings.from_options(device="cpu")
-    ceiling = MatmulCeiling(gflops=50.0, n=2048, dtype=torch.float32, device="cpu", datasheet_gflops=None)
+    ceiling = MatmulCeiling(gflops=50.0, route="oneDNN", routes={"oneDNN": 50.0}, shapes=((8, 4, 12),),
+                            dtype=torch.float32, device="cpu", datasheet_gflops=None)
     oracle = torch.ones(4, 4)
     ok = stub_benchmark(0.5)
     record_and_check(ok, impl="dit_fast", case="c", gflop=10.0, images=2, output=oracle + 2**-20, oracle=oracle,

@@ -198,8 +198,8 @@ def test_cfg_model_uses_forward_with_cfg_of_a_dit():
 
 
 def test_bf16_autocast_and_bf16_weights():
-    """Mixed precision: under bf16 autocast (fp32 stream, bf16 branches) and with bf16 weights, cached sampling
-    runs and stays near the uncached bf16 samples."""
+    """bf16 sampling (weights cast once: the reference's stream in bf16, DiTFast's in fp32) and bf16 weights:
+    cached sampling runs and stays near the uncached bf16 samples."""
     import copy
 
     kw = {"sampler": "ddim", "num_steps": 10, "cfg_scale": 2.0, "seed": 1, "progress": False}

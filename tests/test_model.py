@@ -5,6 +5,7 @@ two cores)."""
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -15,10 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dit_fast
 from dit_fast.kernels import registry as R
 from dit_fast.models import attention as A
-from dit_fast.models import onednn as O
 from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
 from tests.helpers import assert_close, load_official_fixture, max_rel_err
+
+L = importlib.import_module("dit_fast.kernels.linear")  # the module, not the op the package exports
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
 CUDA = torch.cuda.is_available()
@@ -288,23 +290,28 @@ def test_training_computes_modulation_per_block():
     assert all(b.adaLN_modulation[1].weight.grad.abs().sum() > 0 for b in fast.blocks)
 
 
-@pytest.mark.skipif(not O._ONEDNN, reason="PyTorch built without oneDNN")
+@pytest.mark.skipif(not L._ONEDNN, reason="PyTorch built without oneDNN")
 def test_cpu_linears_run_through_onednn(monkeypatch):
     calls: list[bool] = []
-    real = O.onednn_linear
-    monkeypatch.setattr(O, "onednn_linear", lambda x, w, b, gelu: calls.append(gelu) or real(x, w, b, gelu))
+    real = L.onednn_linear
+    monkeypatch.setattr(L, "onednn_linear", lambda x, w, b, gelu: calls.append(gelu) or real(x, w, b, gelu))
     ref, fast = pair()
     x, t, y = inputs(ref)
     with torch.no_grad():
         close(fast(x, t, y), ref(x, t, y), "oneDNN forward")
     depth = ref.config.depth
-    assert len(calls) == 4 * depth + 1 and sum(calls) == depth  # qkv, proj, fc1 (+GELU), fc2 per block; final
+    assert len(calls) == 4 * depth + 2 and sum(calls) == depth  # qkv, proj, fc1 (+GELU), fc2 per block; patch, final
     calls.clear()
     fast(x, t, y).sum().backward()  # with gradients: the same GEMMs, GELU applied separately
     assert len(calls) >= 4 * depth + 1 and not any(calls)
+    calls.clear()
+    fast.set_kernels("torch")  # plain PyTorch: F.linear + F.gelu, no oneDNN call
+    with torch.no_grad():
+        close(fast(x, t, y), ref(x, t, y), "kernels='torch' forward")
+    assert calls == []
 
 
-@pytest.mark.skipif(not O._ONEDNN, reason="PyTorch built without oneDNN")
+@pytest.mark.skipif(not L._ONEDNN, reason="PyTorch built without oneDNN")
 @pytest.mark.parametrize("bias", [True, False])
 def test_onednn_linear_gradients(bias):
     g = torch.Generator().manual_seed(0)
@@ -312,7 +319,7 @@ def test_onednn_linear_gradients(bias):
     w = torch.randn(3, 8, generator=g).requires_grad_(True)
     b = torch.randn(3, generator=g).requires_grad_(True) if bias else None
     grad = torch.randn(2, 5, 3, generator=g)
-    out = O.onednn_linear(x, w, b, False)
+    out = L.onednn_linear(x, w, b, False)
     expected = F.linear(x, w, b)
     close(out, expected, "onednn_linear")
     got = torch.autograd.grad(out, [x, w] + ([b] if bias else []), grad)
@@ -320,7 +327,7 @@ def test_onednn_linear_gradients(bias):
     for name, a, e in zip(("x", "weight", "bias"), got, want, strict=False):
         close(a, e, f"grad {name}")
     with pytest.raises(RuntimeError, match="fused GELU is inference-only"):
-        O.onednn_linear(x, w, b, True).sum().backward()
+        L.onednn_linear(x, w, b, True).sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -402,7 +409,7 @@ def test_regional_compile_training_matches_eager():
 def test_bad_backend_names_and_missing_packages(monkeypatch):
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         DiTFast(**TINY, attention="flash")
-    with pytest.raises(ValueError, match="unknown kernels 'cuda'; valid names: auto, triton, torch"):
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'; valid names: auto, triton, onednn, torch"):
         DiTFast(**TINY, kernels="cuda")
     monkeypatch.setitem(A._OPTIONAL, "flash_attn", None)
     with pytest.raises(ImportError, match=r"pip install dit-fast\[flash\]"):
@@ -415,11 +422,11 @@ def test_bad_backend_names_and_missing_packages(monkeypatch):
 def test_kernels_environment_default(monkeypatch):
     monkeypatch.setattr(R, "_warned", set())
     monkeypatch.setenv(R.ENV_VAR, "triton")
-    assert R.resolve_kernels("auto", "cpu") == ("triton" if R._triton_installed() else "torch")
+    assert R.resolve_kernels("auto", "cpu") == ("triton" if R._triton_installed() else "onednn")
     assert R.resolve_kernels("torch", "cpu") == "torch"
     monkeypatch.setenv(R.ENV_VAR, "bogus")
     with pytest.warns(UserWarning, match="DIT_FAST_KERNELS=bogus is not usable"):
-        assert R.resolve_kernels("auto", "cpu") == "torch"
+        assert R.resolve_kernels("auto", "cpu") == ("onednn" if L._ONEDNN else "torch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         R.resolve_kernels("auto", "cpu")

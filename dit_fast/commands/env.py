@@ -2,7 +2,8 @@
 
 ``dit-fast env`` lists torch / triton versions and the device, every attention backend of the registry with the
 reason it cannot run (if any) for fp32 and bf16 at the given head dim (72 = DiT-XL), PyTorch's SDPA kernels, the
-fused-kernel set, and the ``DIT_FAST_ATTENTION`` / ``DIT_FAST_KERNELS`` defaults.
+fused-kernel set (with the CPU's GEMM route per dtype), the sampling dtype ``--dtype auto`` picks and why, and the
+``DIT_FAST_ATTENTION`` / ``DIT_FAST_KERNELS`` defaults.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import warnings
 import torch
 
 from dit_fast.commands.arguments import positive_int
+from dit_fast.kernels.linear import cpu_linear_route
 from dit_fast.kernels.registry import ENV_VAR as KERNELS_ENV_VAR
 from dit_fast.kernels.registry import available_kernels, resolve_kernels
 from dit_fast.models.attention import BACKENDS, ENV_VAR, available_backends, resolve_backend
+from dit_fast.utils.hardware import inference_dtype
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -75,9 +78,15 @@ def report(device_type: str, head_dim: int) -> list[str]:
         lines.append("  sdpa on cpu: PyTorch's flash CPU kernel (fp32/bf16/fp16), math fallback")
     lines.append("")
     lines.append(f"fused kernels: auto picks {resolve_kernels('auto', device_type)!r} on {device_type} "
-                 "(triton: dit_fast.kernels Triton ops on CUDA; torch: their plain-PyTorch twins)")
+                 "(triton: Triton row kernels + cuBLASLt epilogues on CUDA; onednn: the CPU's oneDNN GEMM epilogues; "
+                 "torch: plain PyTorch)")
     for name, reason in available_kernels().items():
         lines.append(f"  {name:<15} {'available' if reason is None else 'unavailable: ' + reason}")
+    if device_type == "cpu":
+        lines.append("  CPU linear routes: " + ", ".join(f"{n} -> {cpu_linear_route(d)}" for n, d in _DTYPES.items()))
+    lines.append("")
+    dtype, reason = inference_dtype(device_type, "auto")
+    lines.append(f"sampling dtype (dit-fast sample --dtype auto): {str(dtype).removeprefix('torch.')}: {reason}")
     return lines
 
 

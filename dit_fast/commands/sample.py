@@ -43,6 +43,7 @@ from dit_fast.utils.distributed import Dist, barrier, cleanup, setup_distributed
 from dit_fast.utils.environment import check_memory, device_name
 from dit_fast.utils.files import sweep_stale_temps
 from dit_fast.utils.guard import Output, check_outputs, image_format
+from dit_fast.utils.hardware import inference_dtype
 from dit_fast.utils.validation import SEED_MAX, UserError, check_free_space, check_output_file
 
 
@@ -86,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "files this command wrote")
     parser.add_argument("--device", type=argument_type(device_name), default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network autocast dtype")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="weights' dtype, cast once at load (auto: bf16 where the device has native bf16 GEMMs, "
+                             "CUDA sm_80+ or an AVX512-BF16/AMX CPU, else fp32; fp32 reproduces published numbers)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--fp8", action="store_true",
                         help="FP8 (torchao float8 rowwise) for the blocks' linears; Ada/Hopper GPUs, needs torchao")
@@ -227,8 +230,11 @@ def start_processes(args: argparse.Namespace) -> Dist:
 def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, VAE | None, str, Transport | None]:
     """The DiT (finite weights checked, compiled on request), the VAE of a latent model, the model's description
     and, for a flow model, its transport (``resolve_objective``, which also sets ``args.sampler``)."""
+    dtype, why = inference_dtype(d.device, args.dtype)
     model, description, stored = load_model(args.ckpt, model_name=args.model, num_classes=args.num_classes,
-                                            impl=args.impl or "fast", device=d.device, num_heads=args.num_heads)
+                                            impl=args.impl or "fast", device=d.device, num_heads=args.num_heads,
+                                            dtype=dtype)
+    description += f"\ndtype {str(dtype).removeprefix('torch.')} ({why})"
     transport = resolve_objective(args, stored)
     if transport is not None:
         description += f"; flow objective, {transport.path_type} path, {transport.prediction} prediction"
@@ -288,7 +294,7 @@ def sample_images(args: argparse.Namespace, model: torch.nn.Module, vae: VAE | N
                  cfg_scale=args.cfg_scale, guide_channels="all" if args.guide_channels == "all" else 3,
                  interval=tuple(args.guidance_interval) if args.guidance_interval else None, seed=args.seed,
                  first_index=lo, batch_size=args.batch_size, device=d.device,
-                 dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, clip_denoised=vae is None,
+                 clip_denoised=vae is None,
                  progress=d.is_main and not args.no_progress, cache=cache, cuda_graph=args.cuda_graph,
                  cache_stats=cache_stats, transport=transport, flow_options=flow_options(args))
     if cache is not None and d.is_main:

@@ -6,7 +6,7 @@ is computed (D hidden, L blocks):
 
     tokens = patchify(x) @ W_patch^T + b + pos_embed        # the conv as one GEMM on the conv weight, viewed
     c      = t_mlp(timestep_embedding(t)) + table[y]         # (N, D), fp32
-    mods   = silu(c) @ [W_ada_0 ... W_ada_{L-1}]             # every block's adaLN in one batched GEMM (inference)
+    mods   = silu(c) @ [W_ada_0; ...; W_ada_{L-1}]^T         # every block's adaLN in one GEMM (inference)
     block i:
         x, h = gated_residual_modulated_layer_norm(x, gate_mlp[i-1], mlp_out[i-1], shift_msa[i], scale_msa[i])
         x, h = gated_residual_modulated_layer_norm(x, gate_msa[i], attn(h), shift_mlp[i], scale_mlp[i])
@@ -14,9 +14,8 @@ is computed (D hidden, L blocks):
     final: _, h = gated_residual_modulated_layer_norm(x, gate_mlp[L-1], mlp_out[L-1], shift, scale)
            out  = unpatchify(h @ W_final^T + b)
 
-so each block boundary is one pass over the residual stream. Backends: ``kernels=`` ("auto", "triton", "torch";
-``dit_fast.kernels.registry``) and ``attention=`` (``dit_fast.models.attention``). docs/kernels.md covers the
-precision rules, inference vs training and the CPU / CUDA linears.
+so each block boundary is one pass over the residual stream. Backends: ``kernels=`` (``dit_fast.kernels.registry``)
+and ``attention=`` (``dit_fast.models.attention``); docs/kernels.md covers precision, bf16 and the linears.
 """
 
 from __future__ import annotations
@@ -27,13 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dit_fast import kernels as K
 from dit_fast import reference
 from dit_fast.diffusion.guidance import guided_forward
+from dit_fast.kernels.linear import cpu_linear_route
 from dit_fast.kernels.registry import KERNELS, KernelOps, require_kernels, resolve_kernels
 from dit_fast.models.attention import attention, require_backend
 from dit_fast.models.checkpointing import run_block
-from dit_fast.models.onednn import fused_linear
 from dit_fast.reference import DiT, label_drop_ids, model_constructors, timestep_embedding
 
 
@@ -52,12 +50,13 @@ class PatchEmbed(reference.PatchEmbed):
     Keeps the official ``proj`` Conv2d so the state dict and the init are the reference's.
     """
 
-    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: KernelOps, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x (N, C, H, W) -> (N, T, D), computed in ``dtype`` (default: the weight's; autocast's under autocast)."""
         weight = self.proj.weight  # (D, C, p, p)
         patches = ops.patchify(x, self.patch_size)  # (N, T, C*p*p), each vector in (C, p, p) order
         if not _autocasting(x.device.type):
-            patches = patches.to(weight.dtype)
-        return F.linear(patches, weight.flatten(1), self.proj.bias)  # (N, T, D)
+            patches = patches.to(dtype or weight.dtype)
+        return ops.linear(patches, weight.flatten(1), self.proj.bias)  # (N, T, D)
 
 
 class TimestepEmbedder(reference.TimestepEmbedder):
@@ -71,6 +70,14 @@ class TimestepEmbedder(reference.TimestepEmbedder):
             return F.linear(h, fc2.weight.float(), fc2.bias.float())  # (N, D)
 
 
+def _linear(layer: torch.nn.Module, x: torch.Tensor, ops: KernelOps, gelu: bool = False) -> torch.Tensor:
+    """(..., K) -> (..., N): ``layer(x)`` (+ GELU) via ``ops.linear`` for a plain hook-free ``nn.Linear``."""
+    if type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks):
+        return ops.linear(x, layer.weight, layer.bias, gelu)
+    out = layer(x)
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
 class Attention(reference.Attention):
     """Self-attention: one fused qkv projection viewed as (N, T, 3, H, hd), a registry backend, the projection."""
 
@@ -78,28 +85,17 @@ class Attention(reference.Attention):
         super().__init__(dim, num_heads)
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = fused_linear(x, self.qkv).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, T, 3, H, hd), a view
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        qkv = _linear(self.qkv, x, ops).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, T, 3, H, hd), a view
         out = attention(qkv, self.backend)  # (N, T, H, hd)
-        return fused_linear(out.flatten(2), self.proj)  # (N, T, D)
+        return _linear(self.proj, out.flatten(2), ops)  # (N, T, D)
 
 
 class Mlp(reference.Mlp):
-    """The reference MLP (same parameters) with fc1's bias + GELU in the GEMM epilogue where no gradient is needed:
-    cuBLASLt's (``dit_fast.kernels.linear_gelu``) on CUDA, oneDNN's (``fused_linear``) on the CPU.
+    """The reference MLP; fc1's bias + tanh-GELU in the GEMM epilogue where the kernel set's ``linear`` has one."""
 
-    With gradients fc1 is a linear (bias still in the epilogue) plus a GELU: autograd keeps the pre-activation for
-    the GELU's backward, cheaper than recomputing it with a second GEMM (what ``linear_gelu``'s backward does).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc1 = self.fc1
-        if (x.is_cuda and type(fc1) is torch.nn.Linear  # not an FP8 linear (dit_fast.models.fp8)
-                and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad))):
-            h = K.linear_gelu(x, fc1.weight, fc1.bias)  # (N, T, 4D)
-        else:
-            h = fused_linear(x, fc1, gelu=True)  # (N, T, 4D)
-        return fused_linear(h, self.fc2)  # (N, T, D)
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        return _linear(self.fc2, _linear(self.fc1, x, ops, gelu=True), ops)  # (N, T, 4D) -> (N, T, D)
 
 
 class DiTFastBlock(reference.DiTBlock):
@@ -139,9 +135,9 @@ class DiTFastBlock(reference.DiTBlock):
             h = ops.modulated_layer_norm(x, shift_msa, scale_msa, self.norm1.eps)  # (N, T, D)
         else:
             x, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift_msa, scale_msa, self.norm1.eps)
-        x, h = ops.gated_residual_modulated_layer_norm(x, gate_msa, self.attn(h), shift_mlp, scale_mlp,
+        x, h = ops.gated_residual_modulated_layer_norm(x, gate_msa, self.attn(h, ops), shift_mlp, scale_mlp,
                                                        self.norm2.eps)
-        return x, gate_mlp, self.mlp(h)
+        return x, gate_mlp, self.mlp(h, ops)
 
     def forward_from_branches(self, x: torch.Tensor, silu_c: torch.Tensor, gate: torch.Tensor | None = None,
                               branch: torch.Tensor | None = None, mod: torch.Tensor | None = None, *,
@@ -167,7 +163,7 @@ class FinalLayer(reference.FinalLayer):
         mod = _adaln(self.adaLN_modulation[1], silu_c)  # (N, 2D)
         shift, scale = mod.chunk(2, dim=1)
         _, h = ops.gated_residual_modulated_layer_norm(x, gate, branch, shift, scale, self.norm_final.eps)
-        return fused_linear(h, self.linear)
+        return _linear(self.linear, h, ops)
 
 
 class DiTFast(DiT):
@@ -181,10 +177,11 @@ class DiTFast(DiT):
             also settable as an attribute.
 
     Precision: run in fp32 (on CUDA, TF32 matmuls are the user's switch: ``torch.backends.cuda.matmul.allow_tf32 =
-    True``), in bf16/fp16 (``model.to(torch.bfloat16)``) or under ``torch.autocast``; conditioning and norm
-    statistics stay in fp32.
+    True``), in bf16/fp16 for inference (``for_inference(torch.bfloat16)``: weights cast once, the residual stream
+    in fp32), with bf16/fp16 weights (``model.to(torch.bfloat16)``) or under ``torch.autocast``; conditioning and
+    norm statistics stay in fp32.
 
-    Fast paths: inference (no grad) computes every block's adaLN in one batched GEMM with a cached stacked weight;
+    Fast paths: inference (no grad) computes every block's adaLN in one GEMM with a cached concatenated weight;
     ``forward_with_cfg`` embeds the shared latent half once; ``compile()`` compiles the repeated block once
     (regional) or the whole model; ``cuda_graph()`` captures a fixed-shape forward for sampling loops.
     """
@@ -218,6 +215,8 @@ class DiTFast(DiT):
             num_classes, learn_sigma, numerics=numerics, per_block_conditioning=per_block_conditioning,
         )
         self.gradient_checkpointing = gradient_checkpointing
+        self.residual_dtype: torch.dtype | None = None  # None: the embedded tokens' dtype (see for_inference)
+        self.activation_dtype: torch.dtype | None = None  # None: the weights' dtype (see for_inference)
         # name -> (key of the source parameters, stacked tensors): the inference paths' stacked weights
         self._stack_cache: dict[str, tuple[tuple[Any, ...], list[torch.Tensor]]] = {}
         self._capturing = False  # set by cuda_graph(): its warm-up and capture take the graph-safe path
@@ -225,6 +224,22 @@ class DiTFast(DiT):
         self.attention = "auto"
         self.set_kernels(kernels)
         self.set_attention_backend(attention)
+
+    def for_inference(self, dtype: torch.dtype = torch.bfloat16, *,
+                      residual_dtype: torch.dtype | None = torch.float32) -> DiTFast:
+        """Cast once for sampling, in place, and return self: eval mode, no gradients, weights in ``dtype``.
+
+        bf16/fp16 weights keep the residual stream in ``residual_dtype`` (fp32: half the bf16 stream's error vs fp64;
+        None: ``dtype``); on a CPU without bf16/fp16 GEMMs the activations stay fp32 too (weight-only, each GEMM
+        widens its weight; ``activation_dtype``). fp32 is the model as loaded. docs/kernels.md has the numbers.
+        """
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"for_inference: dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.eval().requires_grad_(False).to(dtype)
+        self.residual_dtype = residual_dtype if dtype != torch.float32 else None
+        widened = dtype != torch.float32 and self.pos_embed.is_cpu and cpu_linear_route(dtype) == "onednn-fp32"
+        self.activation_dtype = torch.float32 if widened and self.kernels != "torch" else None
+        return self
 
     def set_kernels(self, name: str) -> None:
         """Use the "auto", "triton" or "torch" fused ops from now on (ImportError for triton when not installed)."""
@@ -267,8 +282,9 @@ class DiTFast(DiT):
                               interval)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents (N, C, H, W) -> tokens with positions (N, T, D)."""
-        return self.x_embedder(x, self._ops(x)) + self.pos_embed
+        """Latents (N, C, H, W) -> tokens with positions (N, T, D), in ``residual_dtype`` when set."""
+        tokens = self.x_embedder(x, self._ops(x), self.activation_dtype) + self.pos_embed
+        return tokens if self.residual_dtype is None else tokens.to(self.residual_dtype)
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Tokens (N, T, D), timesteps (N,), labels (N,) -> model output (N, out_channels, H, W)."""
@@ -292,7 +308,7 @@ class DiTFast(DiT):
         """The dtype the adaLN linears compute in: autocast's when it is on, else their weights'."""
         if _autocasting(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        return self.final_layer.adaLN_modulation[1].weight.dtype
+        return self.activation_dtype or self.final_layer.adaLN_modulation[1].weight.dtype
 
     def conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """c = t_embedder(t) + y_embedder(y) in fp32: t (N,), y (N,) -> (N, D), or (depth, N, D) with per-block
@@ -317,7 +333,7 @@ class DiTFast(DiT):
             return torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2)) + table[:, y]  # (depth, N, D)
 
     def _batched_modulation(self, silu_c: torch.Tensor) -> torch.Tensor | None:
-        """Every block's adaLN output, (depth, N, 6D), in one batched GEMM; None where blocks must compute their own.
+        """Every block's adaLN output, (depth, N, 6D), in one GEMM; None where blocks must compute their own.
 
         ``silu_c`` is (N, D), shared by every block, or (depth, N, D), one row set per block (per-block
         conditioning): either way one ``baddbmm`` over the blocks. Only for inference (see ``_stacked``); the
@@ -389,7 +405,7 @@ class DiTFast(DiT):
         graph's static inputs, replays it and returns the static output (overwritten by the next call: clone it to
         keep it). For fixed-shape sampling loops, where per-kernel launch overhead dominates. Weights are read in
         place, so in-place updates (EMA) are seen; replacing parameter tensors needs a new capture. The warm-up
-        runs the very path that is captured (each block's own adaLN, not the batched GEMM whose stacked weight is
+        runs the very path that is captured (each block's own adaLN, not the one GEMM whose concatenated weight is
         a snapshot). An active autocast context is captured with the graph.
         """
         if not x.is_cuda:

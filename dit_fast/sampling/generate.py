@@ -14,6 +14,7 @@ ADM-evaluator ``.npz``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -77,15 +78,16 @@ def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels
                  sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
                  guide_channels: int | str = 3, interval: tuple[float, float] | None = None, null_class: int,
                  clip_denoised: bool = False, diffusion_steps: int = DIFFUSION_STEPS, progress: bool = False,
-                 dtype: torch.dtype = torch.float32, cache: str | CachePolicy | None = None,
+                 dtype: torch.dtype | None = None, cache: str | CachePolicy | None = None,
                  cache_stats: dict[str, int] | None = None, monitor: NonFiniteMonitor | None = None,
                  transport: Transport | None = None, flow_options: dict[str, Any] | None = None) -> torch.Tensor:
     """Run one sampler from ``noise`` (N, C, H, W) for ``labels`` (N,): -> samples (N, C, H, W) float32.
 
     ``model(x, t, y)`` is the network (a DiT, a ``CUDAGraphRunner`` or any callable). Guidance (``cfg_scale`` > 1)
     runs through ``dit_fast.diffusion.CFGModel``: one doubled pass per step, through the model's own
-    ``forward_with_cfg`` when it has one. The network runs under autocast in ``dtype`` when that is not fp32; the
-    sampler's arithmetic stays fp32. ``cache`` is a step-caching policy (``dit_fast.cache``; needs a DiT module);
+    ``forward_with_cfg`` when it has one. The network takes its input in ``dtype`` (its weights' dtype: None keeps
+    the sampler's fp32) and its output is widened to fp32: the sampler's arithmetic stays fp32, no autocast.
+    ``cache`` is a step-caching policy (``dit_fast.cache``; needs a DiT module);
     ``cache_stats``, when given, has its "full_steps" and "cached_steps" counts increased by this run's.
     ``monitor`` (a ``NonFiniteMonitor``) watches the guided network's outputs. A flow model (``transport``, the
     objective it was trained with) takes one of ``FLOW_SAMPLERS`` (``flow_options`` go to it, e.g. ``last_step``).
@@ -93,11 +95,9 @@ def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels
     check_sampler(sampler, transport)
     guided = CFGModel(model, cfg_scale, null_class, guide_channels=guide_channels, interval=interval)
     device = noise.device
-    autocast = dtype != torch.float32
 
     def network(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            return guided(x, t, y).float()
+        return guided(x if dtype is None else x.to(dtype), t, y).float()
 
     call: Callable[..., torch.Tensor] = network
     if monitor is not None:
@@ -124,6 +124,22 @@ def sample_batch(model: Callable[..., torch.Tensor], noise: torch.Tensor, labels
         cache_stats["full_steps"] = cache_stats.get("full_steps", 0) + session.full_steps
         cache_stats["cached_steps"] = cache_stats.get("cached_steps", 0) + session.cached_steps
     return out
+
+
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (fp32 for a model without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def cast_for_sampling(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """``model`` itself when ``dtype`` is None or its weights' dtype, else a copy cast once to ``dtype`` for
+    inference (``DiTFast.for_inference``: fp32 residual stream; other modules: ``.to(dtype)``), in eval mode."""
+    if dtype is None or weights_dtype(model) == dtype:
+        return model
+    cast = deepcopy(model)
+    if isinstance(cast, DiTFast):
+        return cast.for_inference(dtype)
+    return cast.eval().requires_grad_(False).to(dtype)
 
 
 def check_sampler(sampler: str, transport: Transport | None) -> None:
@@ -160,14 +176,16 @@ def sampling_network(model: torch.nn.Module, device: torch.device, *, cuda_graph
 def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "ddpm", num_steps: int = 250,
              cfg_scale: float = 1.0, guide_channels: int | str = 3, interval: tuple[float, float] | None = None,
              seed: int = 0, first_index: int = 0, batch_size: int = 32, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, clip_denoised: bool = False, progress: bool = True,
+             dtype: torch.dtype | None = None, clip_denoised: bool = False, progress: bool = True,
              cache: str | CachePolicy | None = None, cuda_graph: bool = False,
              cache_stats: dict[str, int] | None = None, transport: Transport | None = None,
              flow_options: dict[str, Any] | None = None) -> torch.Tensor:
     """Sample a DiT for every label: labels (N,) -> (N, C, H, W) float32 in the model's space (pixels or scaled
     latents), on the CPU. Sample k is global sample ``first_index + k`` for seeding (see the module docstring).
 
-    ``dtype`` bf16 runs the network under autocast (the sampler's arithmetic stays fp32). ``clip_denoised``
+    ``dtype``: the weights' dtype to sample in (None: the model's own). A model in another dtype is cast once, as a
+    copy (``cast_for_sampling``; cast in place first, e.g. ``DiTFast.for_inference(torch.bfloat16)``, to save the
+    memory); no step autocasts. The sampler's arithmetic stays fp32. ``clip_denoised``
     clips each x_0 prediction to [-1, 1]: right for pixel-space models; latent models are not clipped (as the
     official sample_ddp.py). ``cache``: a step-caching policy or spec (``dit_fast.cache``; "none" or None: off,
     bit-identical), fresh for every batch. ``cuda_graph``: on CUDA, run a DiTFast through CUDA graphs captured
@@ -183,6 +201,8 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
     device = torch.device(device)
     check_sampler(sampler, transport)
     cache = parse_cache(cache, network_calls(sampler, num_steps, flow_options))
+    model = cast_for_sampling(model, dtype)
+    dtype = weights_dtype(model)
     network = sampling_network(model, device, cuda_graph=cuda_graph, cache=cache)
 
     shape = (cfg.in_channels, *cfg.grid_input)
@@ -208,8 +228,10 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, *, sampler: str = "dd
         out.append(z.float().cpu())
     return torch.cat(out) if out else torch.empty((0, *shape))
 def load_model(ckpt: str, *, model_name: str | None, num_classes: int | None, impl: str, device: torch.device,
-               num_heads: int | None = None) -> tuple[torch.nn.Module, str, dict[str, Any]]:
-    """Load any supported checkpoint (eval mode) on ``device``; returns the model, a one-line description and the
+               num_heads: int | None = None, dtype: torch.dtype = torch.float32
+               ) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    """Load any supported checkpoint (eval mode, no gradients) on ``device`` straight into ``dtype`` (a DiTFast
+    through ``for_inference``); returns the model, a one-line description and the
     training objective the file stores ({} if none).
 
     ``--model``/``--num-classes`` only fill what the file does not store; where it stores them and they differ, the
@@ -223,5 +245,9 @@ def load_model(ckpt: str, *, model_name: str | None, num_classes: int | None, im
         options["num_classes"] = num_classes
     if num_heads is not None:
         options["num_heads"] = num_heads
-    result = load_checkpoint(ckpt, model_cls=DiTFast if impl == "fast" else None, device=device, **options)
-    return result.model, result.summary().splitlines()[0] + f"; numerics {result.numerics}", result.objective
+    result = load_checkpoint(ckpt, model_cls=DiTFast if impl == "fast" else None, device=device, dtype=dtype,
+                             **options)
+    model = result.model.requires_grad_(False)
+    if isinstance(model, DiTFast):
+        model.for_inference(dtype)
+    return model, result.summary().splitlines()[0] + f"; numerics {result.numerics}", result.objective

@@ -4,11 +4,16 @@ One table, read by training's MFU log line (``dit_fast.training.trainer``), the 
 (``benchmarks/common.py``) and roofline tools: ``gpu_spec("NVIDIA H200")`` -> ``GPUSpec``; ``peak_flops(device,
 torch.bfloat16)`` -> FLOP/s, or None on a CPU or an unlisted GPU. Peaks are dense (no 2:4 sparsity): NVIDIA's datasheets
 print the sparse figure for tensor-core dtypes, which is twice the dense one.
+
+``inference_dtype(device)`` decides what ``--dtype auto`` samples in: bf16 where the device has native bf16 GEMMs
+(CUDA sm_80+; CPUs with AVX512-BF16 or AMX), fp32 elsewhere, with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -107,3 +112,49 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype, tf32: bool | None
         return None if spec.tf32_tflops is None else spec.tf32_tflops * 1e12
     tflops = spec.peak_tflops.get(dtype)
     return None if tflops is None else tflops * 1e12
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux); empty where that file is not readable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_bf16(device: torch.device | str) -> tuple[bool, str]:
+    """Whether ``device`` runs bf16 GEMMs natively (faster than fp32), and why: (answer, reason)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        if major >= 8:
+            return True, f"{name} (sm_{major}{minor}) has bf16 tensor cores"
+        return False, f"{name} (sm_{major}{minor}) has no bf16 tensor cores (they start at sm_80)"
+    if device.type != "cpu":
+        return False, f"no bf16 rule for {device.type} devices"
+    native = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return True, f"the CPU has {' and '.join(native)} (bf16 GEMM instructions)"
+    return False, (f"the CPU has no AVX512-BF16 or AMX (PyTorch's vector ISA: "
+                   f"{torch.backends.cpu.get_cpu_capability()}): its bf16 GEMMs are slower than fp32")
+
+
+def inference_dtype(device: torch.device | str, requested: str = "auto") -> tuple[torch.dtype, str]:
+    """The dtype to sample in for ``requested`` ("auto", "fp32" or "bf16") on ``device``, and why.
+
+    "auto": bf16 where ``native_bf16``, else fp32. fp32 is what reproduces published numbers bit for bit.
+    """
+    if requested == "fp32":
+        return torch.float32, "fp32 requested"
+    if requested == "bf16":
+        return torch.bfloat16, "bf16 requested"
+    if requested != "auto":
+        raise ValueError(f"dtype {requested!r}: choose auto, fp32 or bf16")
+    native, why = native_bf16(device)
+    return (torch.bfloat16 if native else torch.float32), f"auto: {'bf16' if native else 'fp32'}, {why}"

@@ -1,0 +1,87 @@
+"""Fixed cost of ``dit-fast sample``: seconds from a fresh process to the first sampling step, per checkpoint format.
+
+``python -m benchmarks.time_to_first_step`` writes a random-weights DiT-XL/2 checkpoint as an official-layout ``.pt``
+and as ``.safetensors`` (to ``--dir``, default a temporary folder), then for each format and dtype starts a fresh
+Python process that does what ``dit-fast sample`` does before its first step (import dit_fast, read the checkpoint,
+build the model on the meta device and assign the weights, cast once to the sampling dtype) and prints the time of
+each part; the wall time includes the interpreter's start. Checkpoint files come from the page cache after the first
+read (the first format's first run reads them from disk: run it twice to see both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CHILD = """
+import time, sys
+t0 = time.perf_counter()
+import torch
+from dit_fast.sampling.generate import load_model
+t1 = time.perf_counter()
+dtype = {{"fp32": torch.float32, "bf16": torch.bfloat16}}[{dtype!r}]
+model, _ = load_model({path!r}, model_name={config!r}, image_size=None, num_classes=None, impl="fast",
+                      device=torch.device("cpu"), dtype=dtype)
+t2 = time.perf_counter()
+assert next(model.parameters()).dtype == dtype
+print(f"{{t1 - t0:.2f}} {{t2 - t1:.2f}}")
+"""
+
+
+def write_checkpoints(folder: Path, config: str) -> dict[str, Path]:
+    """A random-weights ``config`` (seeded paper init, no zero layers) as ``model.pt`` and ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    from dit_fast.reference import DiT_models
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = DiT_models[config]().state_dict()
+    state = {k: torch.randn(v.shape) * 0.02 for k, v in shapes.items()}
+    paths = {"pt": folder / "model.pt", "safetensors": folder / "model.safetensors"}
+    torch.save(state, paths["pt"])
+    save_file(state, str(paths["safetensors"]))
+    return paths
+
+
+def run_child(path: Path, config: str, dtype: str) -> tuple[float, float, float]:
+    """(wall s, import s, load s) of one fresh process loading ``path`` in ``dtype``."""
+    code = CHILD.format(path=str(path), config=config, dtype=dtype)
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    wall = time.perf_counter() - start
+    imports, load = (float(v) for v in out.stdout.split()[-2:])
+    return wall, imports, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.time_to_first_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="DiT-XL/2")
+    parser.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary folder)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per format and dtype (the best is reported)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        paths = write_checkpoints(Path(tmp), args.config)
+        sizes = {fmt: p.stat().st_size / 1e9 for fmt, p in paths.items()}
+        print(f"{args.config} random weights; load average {os.getloadavg()[0]:.2f}")
+        print("| format | dtype | file GB | wall s (fresh process) | imports s | read + build + cast s |\n"
+              "|---|---|---|---|---|---|")
+        for fmt, path in paths.items():
+            for dtype in ("fp32", "bf16"):
+                runs = [run_child(path, args.config, dtype) for _ in range(args.repeats)]
+                wall, imports, load = min(runs)
+                print(f"| {fmt} | {dtype} | {sizes[fmt]:.2f} | {wall:.2f} | {imports:.2f} | {load:.2f} |", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
