@@ -195,9 +195,9 @@ def check_options(args: argparse.Namespace) -> CachePolicy | None:
     if args.guidance_interval:
         lo, hi = args.guidance_interval
         if lo > hi:
-            raise UserError(f"--guidance-interval {lo} {hi}: LO must be <= HI")
+            raise UserError(f"--guidance-interval {lo:g} {hi:g}: LO must be <= HI")
         if hi >= DIFFUSION_STEPS:
-            raise UserError(f"--guidance-interval {lo} {hi}: the model's diffusion has timesteps "
+            raise UserError(f"--guidance-interval {lo:g} {hi:g}: the model's diffusion has timesteps "
                             f"0..{DIFFUSION_STEPS - 1}; outside them guidance would never apply")
     cache = parse_cache(args.cache, args.num_sampling_steps)
     if cache is not None and (args.compile or args.cuda_graph):

@@ -12,17 +12,7 @@ Settings are one ``TrainConfig`` (``dit_fast.training.config``: the flags, the d
 come from ``dit_fast.utils.distributed``; checkpoints and resume from ``dit_fast.training.state``. ARCHITECTURE.md at
 the repository root draws one training step through these modules.
 
-Determinism: the data order and flips are a function of (global seed, epoch), and every per-sample random draw
-(timestep, noise, label dropout, latent sample) is drawn for the whole global batch from a generator seeded by
-(global seed, step) and sliced by rank, so a run's result does not depend on how the global batch is split over
-processes, and a resumed run continues exactly (bitwise, on CPU) where a killed one left off. Label dropout for
-classifier-free guidance is therefore applied here (labels set to the null class ``num_classes``), and the model
-runs with ``train=False``: the label dropout is the only thing that mode switches.
-
-Checkpoints (``results/NNN-<model>/checkpoints/<step>.pt``) are written atomically, the last ``--keep-last`` kept,
-and hold the model, EMA, optimizer, step, data position, RNG states and config; they are a superset of the official
-train.py checkpoints ("model", "ema", "opt", "args"). Ctrl-C and SIGTERM stop the run after the current step and save
-a checkpoint there (exit status 130 / 143); a NaN or infinite loss stops it without saving the diverged weights.
+How a run stays deterministic and what a checkpoint holds: docs/training.md.
 """
 
 from __future__ import annotations
@@ -67,13 +57,7 @@ from dit_fast.training.state import (
     seed_everything,
     set_rng_state,
 )
-from dit_fast.utils.distributed import (
-    Dist,
-    StopSignals,
-    all_reduce_mean,
-    broadcast_object,
-    compile_and_shard,
-)
+from dit_fast.utils.distributed import Dist, StopSignals, all_reduce_mean, broadcast_object, compile_and_shard
 from dit_fast.utils.hardware import peak_flops
 from dit_fast.utils.lifecycle import init_worker, pause_point, worker_errors
 from dit_fast.utils.runlock import RunLock, discard_if_empty, run_folder_of
