@@ -75,6 +75,16 @@ def perturb_(model: nn.Module, scale: float) -> nn.Module:
     return model
 
 
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values (seeded) in EVERY parameter, the zero-initialised adaLN and final layers included; returns
+    ``model``. Scaled by fan-in so activations stay O(1) through the blocks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 / max(1, p.shape[-1]) ** 0.25)
+    return model
+
+
 def tiny_dit(depth: int = 1, scale: float = 0.02, in_channels: int = 1, input_size: int = 8) -> DiT:
     """A digits-shaped reference DiT (hidden 32, 2 heads, patch 2, 10 classes) seeded 0, perturbed, in eval mode."""
     torch.manual_seed(0)

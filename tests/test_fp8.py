@@ -12,19 +12,12 @@ import torch
 from dit_fast.models import fp8
 from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
-from tests.helpers import max_rel_err
+from tests.helpers import max_rel_err, randomize
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
 needs_torchao = pytest.mark.skipif(fp8.torchao_unavailable_reason() is not None,
                                    reason=str(fp8.torchao_unavailable_reason()))
 
-
-def randomized(model: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 / max(1, p.shape[-1]) ** 0.25)
-    return model.eval()
 
 
 def inputs(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,7 +47,7 @@ def test_dimensions_not_multiples_of_16_stay_high_precision():
 
 @needs_torchao
 def test_emulated_fp8_forward_and_backward_within_a_few_times_bf16_error():
-    reference = randomized(DiT(**TINY))
+    reference = randomize(DiT(**TINY)).eval()
     model = DiTFast(**TINY)
     model.load_state_dict(reference.state_dict())
     model.eval()

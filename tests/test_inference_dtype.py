@@ -12,24 +12,16 @@ from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
 from dit_fast.sampling.generate import cast_for_sampling, generate
 from dit_fast.utils import hardware
-from tests.helpers import max_rel_err
+from tests.helpers import max_rel_err, randomize
 
 # Hidden 1152 (DiT-XL's width, 16 heads of 72), 36 tokens (not a power of two), 2 blocks: XL's numerics, cheaply.
 XL_WIDTH = dict(input_size=12, patch_size=2, hidden_size=1152, depth=2, num_heads=16, num_classes=10)
 
 
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values in every parameter (the zero-initialised adaLN and final layers included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 / max(1, p.shape[-1]) ** 0.25)
-    return model
-
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_bf16_forward_error_is_no_worse_than_the_reference_in_bf16(batch):
-    ref = randomized(DiT(**XL_WIDTH)).eval()
+    ref = randomize(DiT(**XL_WIDTH)).eval()
     fast = DiTFast(**XL_WIDTH)
     fast.load_state_dict(ref.state_dict())
     fast.for_inference(torch.bfloat16)
@@ -46,7 +38,7 @@ def test_bf16_forward_error_is_no_worse_than_the_reference_in_bf16(batch):
 
 
 def test_for_inference_fp32_is_the_model_as_loaded():
-    ref = randomized(DiT(**XL_WIDTH)).eval()
+    ref = randomize(DiT(**XL_WIDTH)).eval()
     fast = DiTFast(**XL_WIDTH)
     fast.load_state_dict(ref.state_dict())
     fast.for_inference(torch.float32)
@@ -77,7 +69,7 @@ def test_generate_casts_once_and_never_autocasts(monkeypatch):
     """bf16 sampling runs a bf16 copy (the caller's model untouched), with no autocast region, and drifts from fp32
     sampling no more than the plain reference sampled in bf16 (x2)."""
     tiny = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
-    ref = randomized(DiT(**tiny)).eval()
+    ref = randomize(DiT(**tiny)).eval()
     fast = DiTFast(**tiny).eval()
     fast.load_state_dict(ref.state_dict())
     cast = cast_for_sampling(fast, torch.bfloat16)
@@ -100,7 +92,7 @@ def test_compiled_bf16_model_takes_the_same_routes():
     """``DiTFast.compile()`` on a bf16 model: the GEMM routes are constants for the compiler (no fake-tensor probe)."""
     tiny = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
     fast = DiTFast(**tiny)
-    fast.load_state_dict(randomized(DiT(**tiny)).state_dict())
+    fast.load_state_dict(randomize(DiT(**tiny)).state_dict())
     fast.for_inference(torch.bfloat16)
     compiled = copy.deepcopy(fast).compile()
     x, t, y = torch.randn(2, 4, 8, 8).bfloat16(), torch.tensor([1, 500]), torch.tensor([1, 3])

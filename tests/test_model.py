@@ -18,21 +18,13 @@ from dit_fast.kernels import registry as R
 from dit_fast.models import attention as A
 from dit_fast.models.dit import DiTFast
 from dit_fast.reference import DiT
-from tests.helpers import assert_close, load_official_fixture, max_rel_err
+from tests.helpers import assert_close, load_official_fixture, max_rel_err, randomize
 
 L = importlib.import_module("dit_fast.kernels.linear")  # the module, not the op the package exports
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
 CUDA = torch.cuda.is_available()
 
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values in EVERY parameter, the zero-initialised adaLN and final layers included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 / max(1, p.shape[-1]) ** 0.25)
-    return model
 
 
 def pair(seed: int = 0, **kwargs) -> tuple[DiT, DiTFast]:
