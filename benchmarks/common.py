@@ -48,8 +48,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -391,17 +390,6 @@ def make_inputs(config_name: str, batch: int, device: torch.device, seed: int = 
 def forward_gflop(config_name: str, images: int) -> float:
     """Hardware GFLOP (2 x multiply-adds) of one forward over ``images`` images of ``config_name``."""
     return 2.0 * gflops(config_name) * images
-
-
-@contextmanager
-def strict_fp32() -> Iterator[None]:
-    """Disable TF32 in matmuls and cuDNN convolutions (the patch embedding) while computing an fp32 oracle."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 # -------------------------------------------------------------------------------------------------- timing

@@ -28,12 +28,11 @@ from benchmarks.common import (
     max_rel_err,
     measure_matmul_ceiling,
     reference_model,
-    strict_fp32,
 )
 from benchmarks.test_bench_train import build_trainer, gradients, step_inputs, trainer_oracle
 from dit_fast.models.dit import DiTFast
 from dit_fast.models.fp8 import enable_fp8, fp8_unavailable_reason
-from dit_fast.utils.hardware import peak_flops
+from dit_fast.utils.hardware import peak_flops, strict_fp32
 
 
 def median_seconds(fn: Callable[[], Any], rounds: int, device: torch.device) -> float:

@@ -28,9 +28,9 @@ from benchmarks.common import (
     median_seconds,
     oracle_model,
     run_timed,
-    strict_fp32,
 )
 from dit_fast.models.config import get_config
+from dit_fast.utils.hardware import strict_fp32
 
 CFG_SCALE = 1.5
 CACHE_STEPS = {"cpu": 6, "cuda": 250}

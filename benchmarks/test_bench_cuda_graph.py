@@ -26,9 +26,9 @@ from benchmarks.common import (
     oracle_model,
     record_and_check,
     run_timed,
-    strict_fp32,
 )
 from dit_fast.sampling.generate import generate
+from dit_fast.utils.hardware import strict_fp32
 
 GRAPH_IMPLS = ("reference", "dit_fast", "dit_fast+cuda_graph")
 BATCH, CFG_SCALE = 8, 1.5

@@ -23,9 +23,9 @@ from benchmarks.common import (
     record_and_check,
     reference_model,
     run_timed,
-    strict_fp32,
 )
 from dit_fast.sampling.generate import generate
+from dit_fast.utils.hardware import strict_fp32
 
 CACHES = ("none", "fora:2")
 CFG_SCALE = 4.0

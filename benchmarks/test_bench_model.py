@@ -47,9 +47,9 @@ from benchmarks.common import (
     record_and_check,
     run_timed,
     settings_from_config,
-    strict_fp32,
     synchronize,
 )
+from dit_fast.utils.hardware import strict_fp32
 
 TRAIN_IMPLS = ("reference", "reference+compile", "dit_fast", "dit_fast+compile")
 

@@ -41,11 +41,11 @@ from benchmarks.common import (
     reference_model,
     run_timed,
     settings_from_config,
-    strict_fp32,
     synchronize,
 )
 from dit_fast.models.config import get_config
 from dit_fast.reference import DiT
+from dit_fast.utils.hardware import strict_fp32
 
 PIPELINE_IMPLS = ("reference", "dit_fast", "dit_fast+compile", "diffusers")
 CFG_SCALE = 1.5

@@ -32,9 +32,9 @@ from benchmarks.common import (
     record_and_check,
     run_timed,
     settings_from_config,
-    strict_fp32,
 )
 from dit_fast.models.config import get_config
+from dit_fast.utils.hardware import strict_fp32
 
 SAMPLERS = ("ddpm", "ddim")
 CFG_SCALE = 1.5

@@ -30,8 +30,8 @@ from benchmarks.common import (
     record_and_check,
     run_timed,
     settings_from_config,
-    strict_fp32,
 )
+from dit_fast.utils.hardware import strict_fp32
 
 SCALING_IMPLS = ("reference", "dit_fast")
 

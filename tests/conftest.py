@@ -12,16 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
+
+from dit_fast.utils.hardware import strict_fp32
 
 
 @pytest.fixture(autouse=True)
 def no_tf32() -> Iterator[None]:
-    """TF32 off for cuBLAS matmuls and cuDNN convolutions for the duration of each test (``monkeypatch`` cannot
-    patch ``torch.backends.cuda.matmul``, whose attributes are properties of the C++ context)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    """TF32 off for cuBLAS and cuDNN for the duration of each test."""
+    with strict_fp32():
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

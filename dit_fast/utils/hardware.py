@@ -12,6 +12,8 @@ print the sparse figure for tensor-core dtypes, which is twice the dense one.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,3 +160,15 @@ def inference_dtype(device: torch.device | str, requested: str = "auto") -> tupl
         raise ValueError(f"dtype {requested!r}: choose auto, fp32 or bf16")
     native, why = native_bf16(device)
     return (torch.bfloat16 if native else torch.float32), f"auto: {'bf16' if native else 'fp32'}, {why}"
+
+
+@contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off for cuBLAS matmuls and cuDNN convolutions (the reference's patch embedding) inside the block, restored
+    after it: fp32 means fp32 while computing an fp32 oracle."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
