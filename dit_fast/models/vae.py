@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dit_fast.utils.datacheck import read_json_object
 from dit_fast.utils.validation import UserError
 
 SCALE_FACTOR = 0.18215
@@ -107,13 +107,7 @@ def read_model_config(folder: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {folder} has no config.json (expected a diffusers {VAE_CLASS} folder, e.g. "
                                 f"a local copy of {HF_VAE_IDS['ema']})")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def _vae_folder(path: str | os.PathLike) -> Path:

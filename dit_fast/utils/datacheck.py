@@ -110,16 +110,23 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 LATENT_META_FIELDS = {"classes": list, "image_size": int, "scale_factor": (int, float)}
 
 
+def read_json_object(path: Path, hint: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; UserError naming the file when it is not valid JSON (``hint`` appended) or holds
+    something other than an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}){hint}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return value
+
+
 def read_latent_meta(path: str | os.PathLike) -> dict[str, Any]:
     """A latent folder's ``meta.json``, checked: a JSON object with ``classes`` (a list of names), ``image_size``
     (a positive int) and ``scale_factor`` (a positive number). UserError naming the file otherwise."""
     path = Path(path)
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-run `dit-fast extract-latents`") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} is not a JSON object")
+    meta = read_json_object(path, hint="; re-run `dit-fast extract-latents`")
     for key, kind in LATENT_META_FIELDS.items():
         value = meta.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
