@@ -332,7 +332,8 @@ def main(args: argparse.Namespace) -> int:
         for path in (args.out, args.npz):
             if path:
                 sweep_stale_temps(path)
-    shard_path = None
+    shard_path, finished = None, False
+    model = vae = None
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
         model, vae, description, transport = load_networks(args, d)
@@ -352,10 +353,12 @@ def main(args: argparse.Namespace) -> int:
             barrier(d)
         if d.is_main:
             write_outputs(args, images, labels, d)
-        barrier(d)
+        barrier(d)  # rank 0 has read every shard: now each process may delete its own
+        finished = True
     finally:
         if shard_path is not None:
             with contextlib.suppress(OSError):
                 shard_path.unlink()
-        cleanup(d)
+        model = vae = None
+        cleanup(d, finished=finished)
     return 0

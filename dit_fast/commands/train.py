@@ -57,14 +57,16 @@ def main(args: argparse.Namespace) -> int:
     if cfg.fp8 and (reason := fp8_unavailable_reason(d.device)) is not None:
         cleanup(d)
         raise UserError(reason)  # before the data and the model are built
-    trainer = None
+    trainer, finished = None, False
     try:
         trainer = Trainer(requested, d)
         trainer.run()
         if cfg.data_path is None and cfg.eval and d.is_main:
             evaluate_digits_run(trainer)
+        finished = True
     finally:
         if trainer is not None:
             trainer.close()
-        cleanup(d)
+        trainer = None  # the sharded model and optimizer go before the process group (cleanup collects them)
+        cleanup(d, finished=finished)
     return 0

@@ -10,6 +10,7 @@ CPUs; ``cleanup`` leaves the group.
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from dataclasses import dataclass
@@ -63,9 +64,19 @@ def setup_distributed(device: str | None) -> Dist:
     return Dist(rank, world_size, local_rank, dev)
 
 
-def cleanup(d: Dist) -> None:
-    """Leave the process group (if this process joined one)."""
+def cleanup(d: Dist, *, finished: bool = False) -> None:
+    """Leave the process group (if this process joined one).
+
+    ``finished``: every process got here on the success path. They then meet at a barrier first, and the objects
+    left over from the run (FSDP's sharded modules hold the group's collectives) are collected before the group is
+    destroyed: a process never tears down its gloo pairs while a peer still talks on them, and no group outlives
+    the interpreter (either can abort a process at exit with "terminate called without an active exception"
+    after its work is done). On a failure path there is no barrier: a peer that died would leave it hanging.
+    """
     if d.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
+            gc.collect()
         dist.destroy_process_group()
 
 
