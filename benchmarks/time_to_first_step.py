@@ -3,9 +3,10 @@
 ``python -m benchmarks.time_to_first_step`` writes a random-weights DiT-XL/2 checkpoint as an official-layout ``.pt``
 and as ``.safetensors`` (to ``--dir``, default a temporary folder), then for each format and dtype starts a fresh
 Python process that does what ``dit-fast sample`` does before its first step (import dit_fast, read the checkpoint,
-build the model on the meta device and assign the weights, cast once to the sampling dtype) and prints the time of
-each part; the wall time includes the interpreter's start. Checkpoint files come from the page cache after the first
-read (the first format's first run reads them from disk: run it twice to see both).
+build the model on the meta device and assign the weights, cast once to the sampling dtype, load the VAE: a
+randomly initialised sd-vae-ft ``AutoencoderKL`` saved to the same folder) and prints the time of each part; the
+wall time includes the interpreter's start. Checkpoint files come from the page cache after the first read (the
+first format's first run reads them from disk: run it twice to see both).
 """
 
 from __future__ import annotations
@@ -20,18 +21,25 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.image_latency import random_vae
+from dit_fast.models.config import get_config
+
 CHILD = """
 import time, sys
 t0 = time.perf_counter()
 import torch
+import dit_fast.commands.sample  # everything `dit-fast sample` imports
+from dit_fast.models.vae import VAE
 from dit_fast.sampling.generate import load_model
 t1 = time.perf_counter()
 dtype = {{"fp32": torch.float32, "bf16": torch.bfloat16}}[{dtype!r}]
-model, _ = load_model({path!r}, model_name={config!r}, image_size=None, num_classes=None, impl="fast",
-                      device=torch.device("cpu"), dtype=dtype)
+model, _, _ = load_model({path!r}, model_name={config!r}, num_classes=None, impl="fast", device=torch.device("cpu"),
+                         dtype=dtype)
 t2 = time.perf_counter()
+vae = VAE({vae!r})
+t3 = time.perf_counter()
 assert next(model.parameters()).dtype == dtype
-print(f"{{t1 - t0:.2f}} {{t2 - t1:.2f}}")
+print(f"{{t1 - t0:.2f}} {{t2 - t1:.2f}} {{t3 - t2:.2f}}")
 """
 
 
@@ -51,15 +59,15 @@ def write_checkpoints(folder: Path, config: str) -> dict[str, Path]:
     return paths
 
 
-def run_child(path: Path, config: str, dtype: str) -> tuple[float, float, float]:
-    """(wall s, import s, load s) of one fresh process loading ``path`` in ``dtype``."""
-    code = CHILD.format(path=str(path), config=config, dtype=dtype)
+def run_child(path: Path, config: str, dtype: str, vae: Path) -> tuple[float, float, float, float]:
+    """(wall s, import s, load s, VAE s) of one fresh process loading ``path`` in ``dtype`` and the VAE ``vae``."""
+    code = CHILD.format(path=str(path), config=config, dtype=dtype, vae=str(vae))
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     wall = time.perf_counter() - start
-    imports, load = (float(v) for v in out.stdout.split()[-2:])
-    return wall, imports, load
+    imports, load, vae_s = (float(v) for v in out.stdout.split()[-3:])
+    return wall, imports, load, vae_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,15 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         paths = write_checkpoints(Path(tmp), args.config)
+        vae = Path(tmp) / "vae"
+        random_vae(str(vae), 8 * get_config(args.config).input_size)  # the sd-vae-ft AutoencoderKL, 8x down
         sizes = {fmt: p.stat().st_size / 1e9 for fmt, p in paths.items()}
         print(f"{args.config} random weights; load average {os.getloadavg()[0]:.2f}")
-        print("| format | dtype | file GB | wall s (fresh process) | imports s | read + build + cast s |\n"
-              "|---|---|---|---|---|---|")
+        print("| format | dtype | file GB | wall s (fresh process) | imports s | read + build + cast s | VAE load s |\n"
+              "|---|---|---|---|---|---|---|")
         for fmt, path in paths.items():
             for dtype in ("fp32", "bf16"):
-                runs = [run_child(path, args.config, dtype) for _ in range(args.repeats)]
-                wall, imports, load = min(runs)
-                print(f"| {fmt} | {dtype} | {sizes[fmt]:.2f} | {wall:.2f} | {imports:.2f} | {load:.2f} |", flush=True)
+                runs = [run_child(path, args.config, dtype, vae) for _ in range(args.repeats)]
+                wall, imports, load, vae_s = min(runs)
+                print(f"| {fmt} | {dtype} | {sizes[fmt]:.2f} | {wall:.2f} | {imports:.2f} | {load:.2f} | {vae_s:.2f} |",
+                      flush=True)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
