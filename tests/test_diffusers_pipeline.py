@@ -330,6 +330,7 @@ def test_model_cpu_offload_hooks():
     dit_fast.accelerate(pipe)
     expected = _images(pipe, steps=2)
     pipe.enable_model_cpu_offload(device="cpu")
+    assert type(pipe.transformer._hf_hook).__name__ == "CpuOffload"  # accelerate's hook on the DiffusersDiT
     assert _max_diff(_images(pipe, steps=2), expected) <= IMAGE_TOL
 
 
