@@ -283,6 +283,9 @@ def test_back_to_fp32_restores_the_fp32_path(monkeypatch):
     pipe.to(torch.float32)
     assert model.residual_dtype is None and model.activation_dtype is None and pipe.transformer.dtype == torch.float32
     assert _max_diff(_images(pipe), expected) <= IMAGE_TOL
+    pipe.transformer._graphs = object()  # as if CUDA graphs had been captured on the fp32 weights
+    pipe.transformer.to(torch.bfloat16)  # a dtype-only cast (no _apply of the adapter itself)
+    assert pipe.transformer._graphs is None  # dropped: recaptured on the new weights
 
 
 def test_reference_dit_behind_the_adapter_is_cast_as_it_is():

@@ -128,6 +128,7 @@ class DiffusersDiT(ModelMixin, ConfigMixin):
         args = tuple(a for a in args if not isinstance(a, torch.dtype))
         moved = super().to(*args, **kwargs) if args or kwargs else self
         cast_for_inference(moved.model, dtype or next(moved.model.parameters()).dtype)
+        moved._graphs = None  # a dtype-only cast skips _apply; the captures read the old weights
         return moved
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DiffusersDiT:
