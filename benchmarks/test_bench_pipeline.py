@@ -17,6 +17,10 @@ their ratios. ``python -m benchmarks.test_bench_pipeline`` times the same pipeli
 every implementation once, in turn) and prints the median over rounds of each round's speed-up over diffusers::
 
     OMP_NUM_THREADS=1 python -m benchmarks.test_bench_pipeline --rounds 7
+
+``--profile`` prints instead where one transformer forward of the guided step spends its time (``torch.profiler``):
+the GEMM, attention and other shares of the wall time of diffusers' transformer and of the accelerated one, with the
+Amdahl bound of a speed-up that leaves the GEMMs as they are (wall / GEMM time), and the top ops.
 """
 
 from __future__ import annotations
@@ -206,6 +210,53 @@ def interleaved_speedups(case: PipelineCase, rounds: int, device: torch.device, 
             for impl, times in seconds.items()}
 
 
+def profile_forward(case: PipelineCase, impl: str, device: torch.device, dtype: torch.dtype,
+                    calls: int = 5) -> dict[str, Any]:
+    """Where one transformer forward of the pipeline's guided step (2 x batch latents) spends its time.
+
+    Returns ``{"wall_ms": median of ``calls`` unprofiled forwards, **benchmarks.profiling.profile_summary}`` (op
+    self times per forward, category shares of them, top ops).
+    """
+    from benchmarks.profiling import profile_summary
+
+    transformer = pipeline(impl, case.config, device, dtype, case.seed).transformer
+    size, n = transformer.config.sample_size, 2 * case.batch
+    x = torch.randn(n, transformer.config.in_channels, size, size, generator=torch.Generator().manual_seed(case.seed))
+    x = x.to(device, dtype)
+    t = torch.full((n,), 500, device=device)
+    y = torch.tensor(case.labels + [transformer.config.num_embeds_ada_norm] * case.batch, device=device)
+    forward = functools.partial(transformer, x, timestep=t, class_labels=y)
+    with torch.no_grad():
+        forward(), forward()  # warm-up
+        seconds = []
+        for _ in range(calls):
+            synchronize(device)
+            start = time.perf_counter()
+            forward()
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        summary = profile_summary(forward, device, steps=calls, top=8)
+    return {"wall_ms": 1e3 * statistics.median(seconds), **summary}
+
+
+def render_profiles(profiles: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per implementation the wall time, the GEMM / attention / other time and shares of the wall time, the
+    Amdahl bounds of a speed-up that leaves the GEMMs (and attention) as they are; then each one's top ops."""
+    lines = ["| impl | wall ms | op ms | GEMM ms | GEMM share | attention share | rest share | bound, GEMMs kept | "
+             "bound, GEMMs + attention kept |", "|---|---|---|---|---|---|---|---|---|"]
+    for impl, prof in profiles.items():
+        wall, op = prof["wall_ms"], prof["total_ms"]
+        gemm, attention = op * prof["shares"]["gemm"], op * prof["shares"]["attention"]
+        lines.append(f"| {impl} | {wall:.1f} | {op:.1f} | {gemm:.1f} | {gemm / wall:.1%} | {attention / wall:.1%} | "
+                     f"{1 - (gemm + attention) / wall:.1%} | {wall / gemm:.2f}x | {wall / (gemm + attention):.2f}x |")
+    for impl, prof in profiles.items():
+        lines += ["", f"{impl}: top ops (self time per forward)", "",
+                  "| op | category | ms | share of op time | calls |", "|---|---|---|---|---|"]
+        lines += [f"| `{row['name']}` | {row['category']} | {row['ms']:.1f} | {row['share']:.1%} | {row['calls']} |"
+                  for row in prof["top"]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.test_bench_pipeline",
                                      description="Interleaved DiTPipeline speed-ups of dit_fast.accelerate over "
@@ -217,10 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), fp32, bf16, fp16")
     parser.add_argument("--no-compile", action="store_true", help="leave out dit_fast+compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: torch.profiler shares of one transformer forward (diffusers, dit_fast)")
     args = parser.parse_args(argv)
     settings = BenchSettings.from_options(device=args.device, dtype=args.dtype, config=args.config,
                                           batch=args.batch, ddim_steps=args.steps)
     case = pipeline_case(settings)
+    if args.profile:
+        print(f"{case.label}: one transformer forward over {2 * case.batch} latents, {settings.dtype_name} on "
+              f"{settings.device}, {torch.get_num_threads()} threads\n")
+        print(render_profiles({impl: profile_forward(case, impl, settings.device, settings.dtype, args.rounds)
+                               for impl in ("diffusers", "dit_fast")}))
+        return 0
     impls = ("diffusers", "dit_fast") if args.no_compile else ("diffusers", "dit_fast", "dit_fast+compile")
     result = interleaved_speedups(case, args.rounds, settings.device, settings.dtype, impls)
     print(f"{case.label}, {settings.dtype_name} on {settings.device}, {torch.get_num_threads()} threads, "

@@ -75,3 +75,14 @@ def test_recorded_cpu_profile_of_a_dit_forward():
     text = render([bench, {"name": "unprofiled", "extra_info": {}}])
     assert "## tiny forward: dit_fast" in text and "MFU 50.0% of the measured matmul ceiling" in text
     assert "40.0% of the datasheet peak" in text and "unprofiled" not in text
+
+
+def test_pipeline_profile_table_and_amdahl_bounds():
+    """``python -m benchmarks.test_bench_pipeline --profile``'s table: shares of the wall time and wall / GEMM time."""
+    from benchmarks.test_bench_pipeline import render_profiles
+
+    prof = {"wall_ms": 100.0, "total_ms": 98.0, "shares": {"gemm": 0.8 * 100 / 98, "attention": 0.1 * 100 / 98},
+            "top": [{"name": "aten::addmm", "category": "gemm", "ms": 80.0, "share": 0.82, "calls": 7}]}
+    table = render_profiles({"diffusers": prof})
+    assert "| diffusers | 100.0 | 98.0 | 80.0 | 80.0% | 10.0% | 10.0% | 1.25x | 1.11x |" in table
+    assert "| `aten::addmm` | gemm | 80.0 | 82.0% | 7 |" in table

@@ -45,10 +45,8 @@ def _adaln(linear: torch.nn.Linear, silu_c: torch.Tensor) -> torch.Tensor:
 
 
 class PatchEmbed(reference.PatchEmbed):
-    """(N, C, H, W) -> (N, T, D): patchify, then one GEMM with the conv weight viewed as (D, C*p*p) (no copy).
-
-    Keeps the official ``proj`` Conv2d so the state dict and the init are the reference's.
-    """
+    """(N, C, H, W) -> (N, T, D): patchify, then one GEMM with the conv weight viewed as (D, C*p*p) (no copy); keeps
+    the official ``proj`` Conv2d, so the state dict and the init are the reference's."""
 
     def forward(self, x: torch.Tensor, ops: KernelOps, dtype: torch.dtype | None = None) -> torch.Tensor:
         """x (N, C, H, W) -> (N, T, D), computed in ``dtype`` (default: the weight's; autocast's under autocast)."""
@@ -227,17 +225,22 @@ class DiTFast(DiT):
 
     def for_inference(self, dtype: torch.dtype = torch.bfloat16, *,
                       residual_dtype: torch.dtype | None = torch.float32) -> DiTFast:
-        """Cast once for sampling, in place, and return self: eval mode, no gradients, weights in ``dtype``.
-
-        bf16/fp16 weights keep the residual stream in ``residual_dtype`` (fp32: half the bf16 stream's error vs fp64;
-        None: ``dtype``); on a CPU without bf16/fp16 GEMMs the activations stay fp32 too (weight-only, each GEMM
-        widens its weight; ``activation_dtype``). fp32 is the model as loaded. docs/kernels.md has the numbers.
-        """
+        """Cast once for sampling, in place, and return self: eval mode, no gradients, then ``set_precision``."""
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"for_inference: dtype must be float32, bfloat16 or float16, got {dtype}")
-        self.eval().requires_grad_(False).to(dtype)
-        self.residual_dtype = residual_dtype if dtype != torch.float32 else None
-        widened = dtype != torch.float32 and self.pos_embed.is_cpu and cpu_linear_route(dtype) == "onednn-fp32"
+        return self.eval().requires_grad_(False).set_precision(dtype, residual_dtype=residual_dtype)
+
+    def set_precision(self, dtype: torch.dtype, *, residual_dtype: torch.dtype | None = torch.float32) -> DiTFast:
+        """Weights in ``dtype`` (cast once, in place; returns self) and the dtypes the forward computes in, leaving
+        the train/eval mode and ``requires_grad`` alone; call it again after a device move. bf16/fp16 weights keep the
+        residual stream in ``residual_dtype`` (fp32: half the bf16 stream's error vs fp64; None: ``dtype``); on a CPU
+        without bf16/fp16 GEMMs the activations stay fp32 too (weight-only: each GEMM widens its weight;
+        ``activation_dtype``). fp32/fp64: the model as loaded (both reset). docs/kernels.md has the numbers."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"set_precision: dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+        reduced = dtype in (torch.bfloat16, torch.float16)
+        self.to(dtype).residual_dtype = residual_dtype if reduced else None
+        widened = reduced and self.pos_embed.is_cpu and cpu_linear_route(dtype) == "onednn-fp32"
         self.activation_dtype = torch.float32 if widened and self.kernels != "torch" else None
         return self
 
@@ -442,8 +445,6 @@ class DiTFast(DiT):
             return static_out
 
         return run
-
-
 
 
 DiT_models: dict[str, Callable[..., DiTFast]] = model_constructors(DiTFast)
