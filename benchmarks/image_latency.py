@@ -13,7 +13,8 @@ frontier measured; never an adaptive cache on random weights, whose skip pattern
   instead (DDPM-250 on XL/2 takes tens of minutes on a 2-core CPU).
 
 The VAE is a randomly initialised diffusers ``AutoencoderKL`` of the sd-vae-ft config (no download), decoding in
-fp32. ``--config``/``--image-size`` shrink the case (e.g. DiT-S/2 for a quick look); ``--dtypes`` picks dtypes.
+the row's dtype (as ``dit-fast sample`` does on a device with native bf16).
+``--config``/``--image-size`` shrink the case (e.g. DiT-S/2 for a quick look); ``--dtypes`` picks dtypes.
 """
 
 from __future__ import annotations
@@ -129,11 +130,14 @@ def measure(config_name: str, dtypes: list[str], probe_steps: int, full_runs: bo
             ) -> list[Cell]:
     """Every (dtype, sampler, cache) cell, one dtype's model at a time (XL/2 in fp32 takes 2.7 GB)."""
     cfg = get_config(config_name)
+    vae_seconds = {}
     with tempfile.TemporaryDirectory() as folder:
-        vae = random_vae(folder, image_size)
+        random_vae(folder, image_size)
         z = torch.randn(1, cfg.in_channels, *cfg.grid_input)
-        vae.decode(z)  # warm-up
-        vae_s = statistics.median(_seconds(lambda: vae.decode(z)) for _ in range(3))
+        for name in dtypes:  # the VAE decodes in the sampling dtype, as `dit-fast sample` does
+            vae = VAE(folder, dtype=DTYPES[name])
+            vae.decode(z)  # warm-up
+            vae_seconds[name] = statistics.median(_seconds(lambda v=vae: v.decode(z)) for _ in range(3))
     counts = {(s, n, c): step_counts(config_name, s, n, c) for s, n in SAMPLERS for c in CACHES}
     cells = []
     for name in dtypes:
@@ -143,7 +147,7 @@ def measure(config_name: str, dtypes: list[str], probe_steps: int, full_runs: bo
             s_full, s_cached = per_step_seconds(model, sampler, probe_steps)
             for cache in CACHES:
                 full, cached = counts[(sampler, steps, cache)]
-                cell = Cell(name, sampler, steps, cache, full, cached, s_full, s_cached, vae_s)
+                cell = Cell(name, sampler, steps, cache, full, cached, s_full, s_cached, vae_seconds[name])
                 if full_runs:
                     cell.measured_s = timed_generate(model, sampler, steps, cache)[0]
                 cells.append(cell)

@@ -87,6 +87,34 @@ def test_latent_model_decodes_with_vae(tmp_path):
         assert f["arr_0"].shape == (3, 8, 8, 3)  # 4x4 latents, VAE factor 2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
+@pytest.mark.parametrize(("dtype", "native", "vae_dtype"), [("fp32", True, torch.float32),
+                                                          ("bf16", True, torch.bfloat16),
+                                                          ("bf16", False, torch.float32)])
+def test_vae_decodes_in_the_sampling_dtype_where_bf16_is_native(tmp_path, monkeypatch, dtype, native, vae_dtype):
+    """bf16 sampling decodes in bf16 too where the device computes bf16 natively (half the decode time on an
+    AVX512-BF16 CPU); where it does not, the VAE stays fp32 (PyTorch's bf16 convolution loops are slow there)."""
+    from diffusers.models import AutoencoderKL
+
+    import dit_fast.commands.sample as sample_command
+
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                  latent_channels=4).save_pretrained(tmp_path / "vae")
+    save_checkpoint(tiny_dit(in_channels=4, input_size=4), tmp_path / "latent")
+    monkeypatch.setattr(sample_command, "native_bf16", lambda device: (native, "test"))
+    made = []
+    real = sample_command.VAE
+    monkeypatch.setattr(sample_command, "VAE", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    assert cli_main(["sample", "--ckpt", str(tmp_path / "latent"), "--vae", str(tmp_path / "vae"), "--dtype", dtype,
+                     "--num-samples", "2", "--sampler", "ddim", "--num-sampling-steps", "2", "--no-progress",
+                     "--npz", str(tmp_path / "s.npz")]) == 0
+    assert [v.dtype for v in made] == [vae_dtype]
+    assert next(made[0].model.parameters()).dtype == vae_dtype
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--class-labels", "3", "10"], r"class ids \[10\] are out of range"),
     (["--class-labels", "-1"], "argument --class-labels: must be an integer >= 0"),

@@ -43,7 +43,7 @@ from dit_fast.utils.distributed import Dist, barrier, cleanup, setup_distributed
 from dit_fast.utils.environment import check_memory, device_name
 from dit_fast.utils.files import sweep_stale_temps
 from dit_fast.utils.guard import Output, check_outputs, image_format
-from dit_fast.utils.hardware import inference_dtype
+from dit_fast.utils.hardware import inference_dtype, native_bf16
 from dit_fast.utils.validation import SEED_MAX, UserError, check_free_space, check_output_file
 
 
@@ -88,8 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=argument_type(device_name), default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="weights' dtype, cast once at load (auto: bf16 where the device has native bf16 GEMMs, "
-                             "CUDA sm_80+ or an AVX512-BF16/AMX CPU, else fp32; fp32 reproduces published numbers)")
+                        help="the DiT's weights' dtype, cast once at load, and the VAE's where the device has native "
+                             "bf16 (auto: bf16 where the device has native bf16 GEMMs, CUDA sm_80+ or an "
+                             "AVX512-BF16/AMX CPU, else fp32; fp32 reproduces published numbers)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--fp8", action="store_true",
                         help="FP8 (torchao float8 rowwise) for the blocks' linears; Ada/Hopper GPUs, needs torchao")
@@ -244,7 +245,10 @@ def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, V
         if args.vae is None:
             raise UserError("this is a latent model (4 channels): pass --vae, a local AutoencoderKL folder "
                             "(e.g. stabilityai/sd-vae-ft-ema downloaded with huggingface-cli)")
-        vae = VAE(args.vae, device=d.device)
+        # the VAE decodes in bf16 too where the device computes bf16 natively; elsewhere its convolutions would
+        # take PyTorch's slow bf16 loops (the DiT then widens each GEMM to fp32 instead)
+        vae_dtype = dtype if dtype == torch.float32 or native_bf16(d.device)[0] else torch.float32
+        vae = VAE(args.vae, device=d.device, dtype=vae_dtype)
     side = model.config.grid_input[0] * (vae.downsample if vae is not None else 1)
     if args.image_size is not None and args.image_size != side:
         space = "latents decoded by the VAE" if vae is not None else "pixel space"
