@@ -50,6 +50,27 @@ def test_for_inference_fp32_is_the_model_as_loaded():
         fast.for_inference(torch.float64)
 
 
+def test_a_move_re_derives_the_weight_only_setting(monkeypatch):
+    """bf16 weights set up where the CPU has no bf16 GEMM keep fp32 activations; moved to a device that has one (here:
+    the route probe answering differently, as a GPU would) they compute in bf16; cast to fp32, in fp32."""
+    import dit_fast.models.dit as dit_module
+
+    tiny = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    fast = randomize(DiTFast(**tiny))
+    monkeypatch.setattr(dit_module, "cpu_linear_route", lambda dtype: "onednn-fp32")
+    fast.for_inference(torch.bfloat16)
+    assert fast.activation_dtype == torch.float32 and fast.residual_dtype == torch.float32
+    monkeypatch.setattr(dit_module, "cpu_linear_route", lambda dtype: "onednn")
+    fast.to("cpu")
+    assert fast.activation_dtype is None and fast.residual_dtype == torch.float32
+    monkeypatch.setattr(dit_module, "cpu_linear_route", lambda dtype: "onednn-fp32")
+    fast.float()
+    assert fast.activation_dtype is None
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 999]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert fast(x, t, y).dtype == torch.float32
+
+
 def test_auto_dtype_rule(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     dtype, why = hardware.inference_dtype("cpu")

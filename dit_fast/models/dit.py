@@ -189,25 +189,11 @@ class DiTFast(DiT):
     block_cls = DiTFastBlock
     final_layer_cls = FinalLayer
 
-    def __init__(
-        self,
-        input_size: int | tuple[int, int] = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        *,
-        numerics: str = "official",
-        per_block_conditioning: bool = False,
-        kernels: str = "auto",
-        attention: str = "auto",
-        gradient_checkpointing: bool | str = False,
-    ):
+    def __init__(self, input_size: int | tuple[int, int] = 32, patch_size: int = 2, in_channels: int = 4,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 class_dropout_prob: float = 0.1, num_classes: int = 1000, learn_sigma: bool = True, *,
+                 numerics: str = "official", per_block_conditioning: bool = False, kernels: str = "auto",
+                 attention: str = "auto", gradient_checkpointing: bool | str = False):
         super().__init__(
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
             num_classes, learn_sigma, numerics=numerics, per_block_conditioning=per_block_conditioning,
@@ -232,17 +218,24 @@ class DiTFast(DiT):
 
     def set_precision(self, dtype: torch.dtype, *, residual_dtype: torch.dtype | None = torch.float32) -> DiTFast:
         """Weights in ``dtype`` (cast once, in place; returns self) and the dtypes the forward computes in, leaving
-        the train/eval mode and ``requires_grad`` alone; call it again after a device move. bf16/fp16 weights keep the
+        the train/eval mode and ``requires_grad`` alone (a move re-derives the activations'). bf16/fp16 weights keep the
         residual stream in ``residual_dtype`` (fp32: half the bf16 stream's error vs fp64; None: ``dtype``); on a CPU
         without bf16/fp16 GEMMs the activations stay fp32 too (weight-only: each GEMM widens its weight;
         ``activation_dtype``). fp32/fp64: the model as loaded (both reset). docs/kernels.md has the numbers."""
         if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"set_precision: dtype must be float32, bfloat16, float16 or float64, got {dtype}")
-        reduced = dtype in (torch.bfloat16, torch.float16)
-        self.to(dtype).residual_dtype = residual_dtype if reduced else None
-        widened = reduced and self.pos_embed.is_cpu and cpu_linear_route(dtype) == "onednn-fp32"
-        self.activation_dtype = torch.float32 if widened and self.kernels != "torch" else None
+        self.to(dtype).residual_dtype = residual_dtype if dtype in (torch.bfloat16, torch.float16) else None
+        self.activation_dtype = self._weight_only_activations()
         return self
+
+    def _weight_only_activations(self) -> torch.dtype | None:
+        """fp32 where reduced-precision weights sit on a CPU without GEMMs in their dtype (each GEMM widens its
+        weight, the activations stay fp32), else None (the weights' dtype)."""
+        dtype = self.pos_embed.dtype
+        widened = (dtype in (torch.bfloat16, torch.float16) and self.pos_embed.is_cpu
+                   and cpu_linear_route(dtype) == "onednn-fp32")
+        return torch.float32 if widened and self.kernels != "torch" else None
+
 
     def set_kernels(self, name: str) -> None:
         """Use the "auto", "triton" or "torch" fused ops from now on (ImportError for triton when not installed)."""
@@ -378,8 +371,14 @@ class DiTFast(DiT):
         return cached[1]
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DiTFast:
-        self._stack_cache = {}  # .to() / .half() / .cuda(): rebuilt on the next inference forward
-        return super()._apply(fn, recurse)
+        """Every move or cast (``to``, ``cuda``, ``float``, ...) drops the stacked weights (rebuilt on the next
+        inference forward) and re-derives, for a model set up by ``set_precision``, the activations' dtype for where
+        and what it is now: bf16 weights moved from an AVX2 CPU to a GPU compute in bf16."""
+        self._stack_cache = {}
+        super()._apply(fn, recurse)
+        if self.residual_dtype is not None:
+            self.activation_dtype = self._weight_only_activations()
+        return self
 
     def compile(self, *, regional: bool = True, mode: str | None = None, fullgraph: bool = True,
                 dynamic: bool | None = False, **kwargs: Any) -> DiTFast:
