@@ -307,7 +307,7 @@ class DiT(nn.Module):
                                                                                  strict=True)])  # (depth, N, D)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
+                         guide_channels: int | str = 3, interval: tuple[float, float] | None = None) -> torch.Tensor:
         """Classifier-free guidance in one batched forward, with the official semantics.
 
         The batch is ``[cond; uncond]``: the first half of ``x`` is used for both halves (y holds the real labels,

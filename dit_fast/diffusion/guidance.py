@@ -60,7 +60,7 @@ def check_interval(interval: tuple[float, float] | None) -> tuple[float, float] 
 
 def guided_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                    cfg_scale: float, guide_channels: GuideChannels = 3, in_channels: int | None = None,
-                   interval: tuple[int, int] | None = None) -> torch.Tensor:
+                   interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Classifier-free guidance in one batched forward (the official ``forward_with_cfg``, extended).
 
     Args:
@@ -113,7 +113,7 @@ class CFGModel(nn.Module):
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], cfg_scale: float, null_class: int,
-                 guide_channels: GuideChannels = 3, interval: tuple[int, int] | None = None) -> None:
+                 guide_channels: GuideChannels = 3, interval: tuple[float, float] | None = None) -> None:
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")

@@ -43,7 +43,7 @@ class CUDAGraphRunner:
         return self._run(("forward",), x, t, y, lambda: self.model.cuda_graph(x, t, y))
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
+                         guide_channels: int | str = 3, interval: tuple[float, float] | None = None) -> torch.Tensor:
         """As ``DiTFast.forward_with_cfg`` on the doubled batch (2N, ...)."""
         key = ("cfg", float(cfg_scale), guide_channels, None if interval is None else tuple(interval))
         return self._run(key, x, t, y, lambda: self.model.cuda_graph(x, t, y, cfg_scale, guide_channels=guide_channels,

@@ -262,7 +262,7 @@ class DiTFast(DiT):
         return self._denoise(self._embed(x), t, y)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         guide_channels: int | str = 3, interval: tuple[int, int] | None = None) -> torch.Tensor:
+                         guide_channels: int | str = 3, interval: tuple[float, float] | None = None) -> torch.Tensor:
         """Classifier-free guidance in one batched forward, with the official semantics (see the reference).
 
         The batch is ``[cond; uncond]`` and both halves read the first half of ``x``, so its patch embedding is
@@ -398,7 +398,7 @@ class DiTFast(DiT):
 
     @torch.no_grad()
     def cuda_graph(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | None = None,
-                   warmup: int = 2, guide_channels: int | str = 3, interval: tuple[int, int] | None = None
+                   warmup: int = 2, guide_channels: int | str = 3, interval: tuple[float, float] | None = None
                    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """Capture one inference forward (or ``forward_with_cfg`` when ``cfg_scale`` is given, with
         ``guide_channels`` and ``interval``) as a CUDA graph.

@@ -26,7 +26,7 @@ from dit_fast.diffusion import FLOW_SAMPLERS, CFGModel, FlowSampler, Transport, 
 from dit_fast.models.cuda_graph import CUDAGraphRunner
 from dit_fast.models.dit import DiTFast
 from dit_fast.reference import check_labels
-from dit_fast.training.data import mix_seed
+from dit_fast.utils.seeds import mix_seed
 
 DIFFUSION_STEPS = 1000  # the diffusion DiT models are trained with (official and ours): timesteps 0..999
 SAMPLERS = ("ddpm", "ddim", "dpm++")

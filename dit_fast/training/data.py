@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from dit_fast.utils.datacheck import open_npy, read_image, read_latent_meta, scan_image_folder
+from dit_fast.utils.seeds import mix_seed
 from dit_fast.utils.validation import UserError
 
 LATENTS_FILE = "latents.npy"
@@ -176,11 +177,6 @@ def epoch_order(num_samples: int, seed: int, epoch: int, flips: bool) -> tuple[t
     perm = torch.randperm(num_samples, generator=g)
     flip = torch.rand(num_samples, generator=g) < 0.5 if flips else torch.zeros(num_samples, dtype=torch.bool)
     return perm, flip
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence hashing), so nearby seeds give unrelated streams."""
-    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):

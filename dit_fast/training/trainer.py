@@ -44,7 +44,6 @@ from dit_fast.training.data import (
     StepBatchSampler,
     build_dataset,
     collate,
-    mix_seed,
     sample_latents,
 )
 from dit_fast.training.state import (
@@ -61,6 +60,7 @@ from dit_fast.utils.distributed import Dist, StopSignals, all_reduce_mean, broad
 from dit_fast.utils.hardware import peak_flops
 from dit_fast.utils.lifecycle import init_worker, pause_point, worker_errors
 from dit_fast.utils.runlock import RunLock, discard_if_empty, run_folder_of
+from dit_fast.utils.seeds import mix_seed
 from dit_fast.utils.validation import Interrupted, UserError, check_free_space
 
 
@@ -297,8 +297,8 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
         update_ema(self.ema, _unwrap(self.model), ema_decay_at(self.step, self.cfg.ema_decay, self.cfg.ema_warmup))
-        return {"loss": loss.detach(), "mse": terms["mse"].mean().detach(),
-                "vb": terms["vb"].mean().detach() if "vb" in terms else torch.zeros(()), "lr": lr}
+        out = {"loss": loss.detach(), "mse": terms["mse"].mean().detach(), "lr": lr}
+        return out | ({"vb": terms["vb"].mean().detach()} if "vb" in terms else {})  # no bound term: flow, fixed sigma
 
     # -- checkpoints
 
@@ -356,10 +356,11 @@ class Trainer:
         sps = len(window) / (now - t0)
         loss = all_reduce_mean(torch.stack([w["loss"] for w in window]).mean().item(), d)
         mse = all_reduce_mean(torch.stack([w["mse"] for w in window]).mean().item(), d)
-        vb = all_reduce_mean(torch.stack([w["vb"] for w in window]).mean().item(), d)
+        vb = all_reduce_mean(torch.stack([w["vb"] for w in window]).mean().item(), d) if "vb" in window[0] else ""
         ips = sps * self.global_batch
         mfu = ips * train_flops / (peak * d.world_size) if peak else None
-        self.log(f"(step={self.step:07d}) loss {loss:.4f} (mse {mse:.4f}, vb {vb:.4f}), lr {window[-1]['lr']:.2e}, "
+        terms = f"mse {mse:.4f}, vb {vb:.4f}" if vb != "" else f"mse {mse:.4f}"
+        self.log(f"(step={self.step:07d}) loss {loss:.4f} ({terms}), lr {window[-1]['lr']:.2e}, "
                  f"{sps:.2f} steps/s, {ips:.1f} img/s" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
         self.log.row({"step": self.step, "epoch": self.epoch, "loss": loss, "mse": mse, "vb": vb,
