@@ -4,9 +4,10 @@
 and as ``.safetensors`` (to ``--dir``, default a temporary folder), then for each format and dtype starts a fresh
 Python process that does what ``dit-fast sample`` does before its first step (import dit_fast, read the checkpoint,
 build the model on the meta device and assign the weights, cast once to the sampling dtype, load the VAE: a
-randomly initialised sd-vae-ft ``AutoencoderKL`` saved to the same folder) and prints the time of each part; the
-wall time includes the interpreter's start. Checkpoint files come from the page cache after the first read (the
-first format's first run reads them from disk: run it twice to see both).
+randomly initialised sd-vae-ft ``AutoencoderKL`` saved to the same folder) and prints the time of each part. "To
+first step" runs from the spawn (the interpreter's start included) to both networks in place; "wall" runs to the
+process's exit, which adds the teardown. Checkpoint files come from the page cache after the first read (the first
+format's first run reads them from disk: run it twice to see both).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ t2 = time.perf_counter()
 vae = VAE({vae!r})
 t3 = time.perf_counter()
 assert next(model.parameters()).dtype == dtype
-print(f"{{t1 - t0:.2f}} {{t2 - t1:.2f}} {{t3 - t2:.2f}}")
+print(f"{{time.time() - float(sys.argv[1]):.2f}} {{t1 - t0:.2f}} {{t2 - t1:.2f}} {{t3 - t2:.2f}}", flush=True)
 """
 
 
@@ -59,15 +60,17 @@ def write_checkpoints(folder: Path, config: str) -> dict[str, Path]:
     return paths
 
 
-def run_child(path: Path, config: str, dtype: str, vae: Path) -> tuple[float, float, float, float]:
-    """(wall s, import s, load s, VAE s) of one fresh process loading ``path`` in ``dtype`` and the VAE ``vae``."""
+def run_child(path: Path, config: str, dtype: str, vae: Path) -> tuple[float, float, float, float, float]:
+    """(ready s, wall s, import s, load s, VAE s) of one fresh process loading ``path`` in ``dtype`` and the VAE
+    ``vae``: ready = from the spawn to the model and VAE in place (the first step could start), wall = to the
+    process's exit (which adds the interpreter's and torch's teardown)."""
     code = CHILD.format(path=str(path), config=config, dtype=dtype, vae=str(vae))
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    start, spawned = time.perf_counter(), time.time()
+    out = subprocess.run([sys.executable, "-c", code, repr(spawned)], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     wall = time.perf_counter() - start
-    imports, load, vae_s = (float(v) for v in out.stdout.split()[-3:])
-    return wall, imports, load, vae_s
+    ready, imports, load, vae_s = (float(v) for v in out.stdout.split()[-4:])
+    return ready, wall, imports, load, vae_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         random_vae(str(vae), 8 * get_config(args.config).input_size)  # the sd-vae-ft AutoencoderKL, 8x down
         sizes = {fmt: p.stat().st_size / 1e9 for fmt, p in paths.items()}
         print(f"{args.config} random weights; load average {os.getloadavg()[0]:.2f}")
-        print("| format | dtype | file GB | wall s (fresh process) | imports s | read + build + cast s | VAE load s |\n"
-              "|---|---|---|---|---|---|---|")
+        print("| format | dtype | file GB | to first step s | wall s (to exit) | imports s | read + build + cast s | "
+              "VAE load s |\n|---|---|---|---|---|---|---|---|")
         for fmt, path in paths.items():
             for dtype in ("fp32", "bf16"):
                 runs = [run_child(path, args.config, dtype, vae) for _ in range(args.repeats)]
-                wall, imports, load, vae_s = min(runs)
-                print(f"| {fmt} | {dtype} | {sizes[fmt]:.2f} | {wall:.2f} | {imports:.2f} | {load:.2f} | {vae_s:.2f} |",
-                      flush=True)
+                ready, wall, imports, load, vae_s = min(runs)
+                print(f"| {fmt} | {dtype} | {sizes[fmt]:.2f} | {ready:.2f} | {wall:.2f} | {imports:.2f} | {load:.2f} | "
+                      f"{vae_s:.2f} |", flush=True)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
