@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -205,10 +206,13 @@ def _sniff_file(path: Path) -> str:
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``, allowing ``argparse.Namespace`` (train.py's ``args``) only."""
+    """``torch.load`` with ``weights_only=True``, allowing ``argparse.Namespace`` (train.py's ``args``) only. Files in
+    torch's zip format (every ``torch.save`` since 1.6) are memory-mapped (private: a write copies the page): the
+    tensors are read from the page cache as the model takes them, not copied into memory first. The files this
+    project writes are replaced atomically, never rewritten in place, so a mapped file never changes under it."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... for bad files
         raise CheckpointError(describe_load_error(path, e)) from e
 
