@@ -16,8 +16,10 @@ The sampling itself (seeding, samplers, guidance, caching, CUDA graphs) is ``dit
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -230,25 +232,29 @@ def start_processes(args: argparse.Namespace) -> Dist:
 
 def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, VAE | None, str, Transport | None]:
     """The DiT (finite weights checked, compiled on request), the VAE of a latent model, the model's description
-    and, for a flow model, its transport (``resolve_objective``, which also sets ``args.sampler``)."""
+    and, for a flow model, its transport (``resolve_objective``, which also sets ``args.sampler``).
+
+    With ``--vae``, diffusers is imported on a second thread while the DiT's weights are read and cast (C++ work that
+    releases the GIL): that import is most of a VAE's load. Only the import: diffusers builds models under global
+    patches (meta-device initialisation) that must not meet another thread's model construction."""
     dtype, why = inference_dtype(d.device, args.dtype)
-    model, description, stored = load_model(args.ckpt, model_name=args.model, num_classes=args.num_classes,
-                                            impl=args.impl or "fast", device=d.device, num_heads=args.num_heads,
-                                            dtype=dtype)
-    description += f"\ndtype {str(dtype).removeprefix('torch.')} ({why})"
-    transport = resolve_objective(args, stored)
-    if transport is not None:
-        description += f"; flow objective, {transport.path_type} path, {transport.prediction} prediction"
-    check_finite_weights(model.state_dict(), args.ckpt)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="import-diffusers") as pool:
+        if args.vae:
+            pool.submit(_import_diffusers)
+        model, description, stored = load_model(args.ckpt, model_name=args.model, num_classes=args.num_classes,
+                                                impl=args.impl or "fast", device=d.device, num_heads=args.num_heads,
+                                                dtype=dtype)
     vae = None
     if model.config.in_channels == 4:
         if args.vae is None:
             raise UserError("this is a latent model (4 channels): pass --vae, a local AutoencoderKL folder "
                             "(e.g. stabilityai/sd-vae-ft-ema downloaded with huggingface-cli)")
-        # the VAE decodes in bf16 too where the device computes bf16 natively; elsewhere its convolutions would
-        # take PyTorch's slow bf16 loops (the DiT then widens each GEMM to fp32 instead)
-        vae_dtype = dtype if dtype == torch.float32 or native_bf16(d.device)[0] else torch.float32
-        vae = VAE(args.vae, device=d.device, dtype=vae_dtype)
+        vae = VAE(args.vae, device=d.device, dtype=vae_dtype(dtype, d.device))
+    description += f"\ndtype {str(dtype).removeprefix('torch.')} ({why})"
+    transport = resolve_objective(args, stored)
+    if transport is not None:
+        description += f"; flow objective, {transport.path_type} path, {transport.prediction} prediction"
+    check_finite_weights(model.state_dict(), args.ckpt)
     side = model.config.grid_input[0] * (vae.downsample if vae is not None else 1)
     if args.image_size is not None and args.image_size != side:
         space = "latents decoded by the VAE" if vae is not None else "pixel space"
@@ -259,6 +265,17 @@ def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, V
     if args.compile:
         model.compile()
     return model, vae, description, transport
+
+
+def _import_diffusers() -> None:
+    with contextlib.suppress(ImportError):  # absent: the VAE's own check names the install
+        importlib.import_module("diffusers.models.autoencoders.autoencoder_kl")
+
+
+def vae_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The VAE decodes in the sampling dtype where the device computes bf16 natively; elsewhere in fp32 (its
+    convolutions would take PyTorch's slow bf16 loops; the DiT then widens each GEMM to fp32 instead)."""
+    return dtype if dtype == torch.float32 or native_bf16(device)[0] else torch.float32
 
 
 def preflight(args: argparse.Namespace, config: DiTConfig, vae: VAE | None, d: Dist) -> None:
