@@ -400,6 +400,22 @@ def test_check_finite_names_what():
         check_finite(x, "the first latents")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_weights_check_is_exact(dtype):
+    """The one-reduction check: finite values whose sum overflows pass; a single NaN or inf anywhere is named, with
+    inf and -inf together (their sum is NaN) and a NaN beside huge values."""
+    from dit_fast.checkpoints.read import CheckpointError, check_finite_weights
+
+    big = torch.finfo(dtype).max
+    good = {"overflowing": torch.full((64,), big, dtype=dtype), "small": torch.randn(37).to(dtype),
+            "steps": torch.arange(10)}
+    check_finite_weights(good, "ok.pt")
+    for values, counts in (([1.0, float("inf"), float("-inf")], "0 NaN, 2 inf"),
+                           ([big, float("nan"), big], "1 NaN, 0 inf"), ([float("-inf")], "0 NaN, 1 inf")):
+        with pytest.raises(CheckpointError, match=rf"^bad\.pt holds non-finite weights: w \({counts}\);"):
+            check_finite_weights({**good, "w": torch.tensor(values, dtype=dtype)}, "bad.pt")
+
+
 def test_device_names_and_memory():
     assert device_name("cuda:1") == "cuda:1" and device_name("cpu") == "cpu"
     for bad in ("mps", "meta", "cuda:x", ""):
