@@ -481,3 +481,21 @@ def test_cli_convert_chain(tmp_path, capsys):
         cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "back.pt"), "--to", "official"])
     with pytest.raises(SystemExit, match="cannot infer num_heads"):
         cli.main(["convert", str(tmp_path / "official.pt"), str(tmp_path / "x"), "--to", "dit-fast"])
+
+
+@pytest.mark.parametrize(("to", "name"), [("dit-fast", "ours.safetensors"), ("official", "ours.pt"),
+                                          ("dit-fast", "folder")])
+def test_cli_convert_to_bf16_loads_without_a_cast(tmp_path, to, name):
+    """--dtype bf16 writes every weight in bf16 (half the bytes); loading it in bf16 gives the same model as
+    casting the fp32 weights at load, and in fp32 the bf16 values widened."""
+    sd, _, cfg = _official("tiny")
+    torch.save(sd, tmp_path / "official.pt")
+    assert cli.main(["convert", str(tmp_path / "official.pt"), str(tmp_path / name), "--to", to, "--num-heads", "2",
+                     "--dtype", "bf16"]) == 0
+    stored = read_checkpoint(tmp_path / name, num_heads=2)
+    assert all(v.dtype == torch.bfloat16 for v in stored.state_dict.values() if v.is_floating_point())
+    from_bf16 = load_checkpoint(tmp_path / name, num_heads=2, dtype=torch.bfloat16).model.state_dict()
+    from_fp32 = load_checkpoint(tmp_path / "official.pt", num_heads=2, dtype=torch.bfloat16).model.state_dict()
+    assert from_bf16.keys() == from_fp32.keys() and all(torch.equal(from_bf16[k], from_fp32[k]) for k in from_fp32)
+    widened = load_checkpoint(tmp_path / name, num_heads=2).model.state_dict()
+    assert all(torch.equal(widened[k], from_fp32[k].float()) for k in from_fp32 if from_fp32[k].is_floating_point())

@@ -110,12 +110,19 @@ def write_checkpoint(source: Source, path: str | os.PathLike, to: str, *, config
     return writers[to](source, path, config=config)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, **read_options: Any) -> Checkpoint:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: torch.dtype | None = None,
+            **read_options: Any) -> Checkpoint:
     """Read ``src`` (any supported format; ``read_options`` as :func:`read_checkpoint`) and write it to ``dst`` in
-    format ``to``. Returns the checkpoint that was read (its notes say what was decided)."""
+    format ``to``, its floating-point weights cast to ``dtype`` if given (a bf16 file: half the size, and sampling
+    in bf16 loads it without a cast). Returns the checkpoint that was read (its notes say what was decided)."""
     if to not in FORMATS:
         raise ValueError(f"unknown checkpoint format {to!r}; valid formats: {', '.join(FORMATS)}")
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"convert: dtype must be float32, bfloat16 or float16, got {dtype}")
     ckpt = read_checkpoint(src, **read_options)
+    if dtype is not None:
+        ckpt.state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+        ckpt.notes.append(f"weights cast to {str(dtype).removeprefix('torch.')}")
     write_checkpoint(ckpt, dst, to)
     return ckpt
 

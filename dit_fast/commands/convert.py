@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from dit_fast.checkpoints import FORMATS, CheckpointError, convert
 from dit_fast.commands.arguments import positive_int
 from dit_fast.models.config import CONFIGS, NUMERICS
 from dit_fast.utils.guard import Output, check_outputs
 from dit_fast.utils.validation import check_output_dir, check_output_file
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _input_size_arg(text: str) -> int | tuple[int, int]:
@@ -39,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-embedder-mismatch", action="store_true",
                         help="diffusers input whose per-block embedder copies differ: keep block 0's (lossy, one "
                              "shared pair as the official layout) instead of one embedder per block")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast the weights (default: as stored); a bf16 file is half the size and `dit-fast "
+                             "sample` in bf16 loads it without a cast")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -60,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
         args.src, dst, args.to, numerics=args.numerics, model_name=args.model, num_heads=args.num_heads,
         input_size=args.input_size, num_classes=args.num_classes, use_model_weights=args.use_model_weights,
         embedder_mismatch="warn" if args.allow_embedder_mismatch else "per-block",
+        dtype=DTYPES[args.dtype] if args.dtype else None,
     )
     print(ckpt.summary())
     print(f"wrote {dst} (format: {args.to})")
