@@ -45,7 +45,8 @@ print(f"{{time.time() - float(sys.argv[1]):.2f}} {{t1 - t0:.2f}} {{t2 - t1:.2f}}
 
 
 def write_checkpoints(folder: Path, config: str) -> dict[str, Path]:
-    """A random-weights ``config`` (seeded paper init, no zero layers) as ``model.pt`` and ``model.safetensors``."""
+    """A random-weights ``config`` (seeded paper init, no zero layers) as ``model.pt`` and ``model.safetensors``, and
+    in bf16 as ``model-bf16.safetensors`` (what ``dit-fast convert --dtype bf16`` writes)."""
     from safetensors.torch import save_file
 
     from dit_fast.reference import DiT_models
@@ -54,9 +55,11 @@ def write_checkpoints(folder: Path, config: str) -> dict[str, Path]:
     with torch.device("meta"):
         shapes = DiT_models[config]().state_dict()
     state = {k: torch.randn(v.shape) * 0.02 for k, v in shapes.items()}
-    paths = {"pt": folder / "model.pt", "safetensors": folder / "model.safetensors"}
+    paths = {"pt": folder / "model.pt", "safetensors": folder / "model.safetensors",
+             "safetensors, bf16 file": folder / "model-bf16.safetensors"}
     torch.save(state, paths["pt"])
     save_file(state, str(paths["safetensors"]))
+    save_file({k: v.bfloat16() for k, v in state.items()}, str(paths["safetensors, bf16 file"]))
     return paths
 
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| format | dtype | file GB | to first step s | wall s (to exit) | imports s | DiT read + build + cast, "
               "VAE load s |\n|---|---|---|---|---|---|---|")
         for fmt, path in paths.items():
-            for dtype in ("fp32", "bf16"):
+            for dtype in ("bf16",) if "bf16" in fmt else ("fp32", "bf16"):
                 runs = [run_child(path, args.config, dtype, vae) for _ in range(args.repeats)]
                 ready, wall, imports, load = min(runs)
                 print(f"| {fmt} | {dtype} | {sizes[fmt]:.2f} | {ready:.2f} | {wall:.2f} | {imports:.2f} | {load:.2f} |",

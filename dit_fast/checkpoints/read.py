@@ -76,26 +76,26 @@ def load_checkpoint(
     The result's ``.numerics`` (also logged) says which numerics the model follows.
     """
     ckpt = read_checkpoint(path, **read_options)
-    model = model_from_checkpoint(ckpt, model_cls)
+    model = model_from_checkpoint(ckpt, model_cls, dtype=dtype)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     logger.info("loaded %s (%s): %s numerics", ckpt.source, ckpt.format, ckpt.numerics)
     return dataclasses.replace(ckpt, state_dict=model.state_dict(), model=model)
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, model_cls: type[nn.Module] | ModelBuilder | None = None) -> nn.Module:
+def model_from_checkpoint(checkpoint: Checkpoint, model_cls: type[nn.Module] | ModelBuilder | None = None, *,
+                          dtype: torch.dtype | None = None) -> nn.Module:
     """Build ``model_cls`` for ``checkpoint.config`` and load its weights with ``strict=True``; eval mode.
 
-    The model is built on the meta device and then takes the checkpoint's tensors (cast to the model's own
-    dtypes, as a copying load would), so no time or memory goes into a random init that is overwritten (about
-    20 s for DiT-XL/2 on 2 CPU cores). The model's parameters therefore share storage with
-    ``checkpoint.state_dict``. A model whose state is not all in its state dict (non-persistent buffers) is
-    built normally instead.
+    Built on the meta device, the model takes the checkpoint's tensors (cast to its own dtypes, or floating ones to
+    ``dtype``: one cast, none for a file in it), so no random init is overwritten (~20 s for XL/2 on 2 CPU cores)
+    and the parameters share storage with ``checkpoint.state_dict``; with non-persistent buffers it is built normally.
     """
     with torch.device("meta"):
         model = _construct(model_cls, checkpoint.config)
     own = model.state_dict()
-    state_dict = {k: v.to(own[k].dtype) if k in own else v for k, v in checkpoint.state_dict.items()}
+    state_dict = {k: v.to(dtype if dtype is not None and own[k].is_floating_point() else own[k].dtype)
+                  if k in own else v for k, v in checkpoint.state_dict.items()}
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
