@@ -292,6 +292,9 @@ def test_resume_without_optimizer_state(world, capsys, tmp_path):
 @pytest.mark.parametrize(("argv", "code", "pattern"), [
     (["--guidance-interval", "1500", "1600"], 1, r"--guidance-interval 1500 1600: the model's diffusion has "
                                                  r"timesteps 0\.\.999; outside them guidance would never apply"),
+    (["--guidance-interval", "5", "15", "--sampler", "ddim", "--num-sampling-steps", "50", "--cfg-scale", "2"], 1,
+     r"--guidance-interval 5 15 holds none of the 50 timesteps ddim-50 visits \(the nearest: 0 and 20\); guidance "
+     r"would never apply"),
     (["--image-size", "64"], 1, r"--image-size 64 does not match the checkpoint, which makes 8x8 images"),
     (["--seed", str(2**32)], 2, r"argument --seed: must be an integer in \[0, 4294967295\]"),
     (["--class-labels"], 2, r"argument --class-labels: expected at least one argument"),

@@ -148,3 +148,29 @@ def test_save_grid_and_npz_helpers(tmp_path):
     with pytest.raises(ValueError, match="labels"):
         write_npz(tmp_path / "y.npz", [arr], np.arange(4))
     assert not (tmp_path / "y.npz").exists()
+
+
+def test_guidance_interval_must_hold_a_step_the_sampler_visits():
+    import argparse
+
+    from dit_fast.commands.sample import check_interval_meets_steps
+    from dit_fast.sampling.generate import model_timesteps
+    from dit_fast.utils.validation import UserError
+
+    assert model_timesteps("ddim", 50)[:3] == [0, 20, 41] and len(model_timesteps("ddpm", 250)) == 250
+    dpm = model_timesteps("dpm++", 20)
+    assert len(dpm) == 20 and dpm[0] == 0 and dpm[-1] == 999
+
+    def check(interval, sampler="ddim", steps=50, cfg=2.0):
+        check_interval_meets_steps(argparse.Namespace(guidance_interval=interval, cfg_scale=cfg, sampler=sampler,
+                                                      num_sampling_steps=steps))
+
+    with pytest.raises(UserError, match=r"holds none of the 50 timesteps ddim-50 visits \(the nearest: 0 and 20\)"):
+        check([5, 15])
+    check([5, 20])  # 20 is visited
+    check([5, 15], cfg=1.0)  # unguided: the interval does not matter
+    check(None)
+    gap = next(t for t in range(1000) if t not in dpm)
+    with pytest.raises(UserError, match="dpm\\+\\+-20"):
+        check([gap, gap], sampler="dpm++", steps=20)
+    check([dpm[5], dpm[5]], sampler="dpm++", steps=20)

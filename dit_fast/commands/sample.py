@@ -39,7 +39,15 @@ from dit_fast.models.config import DiTConfig
 from dit_fast.models.fp8 import enable_fp8, fp8_unavailable_reason
 from dit_fast.models.vae import VAE
 from dit_fast.reference import check_labels
-from dit_fast.sampling.generate import DIFFUSION_STEPS, SAMPLERS, check_sampler, generate, load_model, network_calls
+from dit_fast.sampling.generate import (
+    DIFFUSION_STEPS,
+    SAMPLERS,
+    check_sampler,
+    generate,
+    load_model,
+    model_timesteps,
+    network_calls,
+)
 from dit_fast.sampling.outputs import save_grid, to_uint8, write_npz
 from dit_fast.utils.distributed import Dist, barrier, cleanup, setup_distributed
 from dit_fast.utils.environment import check_memory, device_name
@@ -272,6 +280,21 @@ def _import_diffusers() -> None:
         importlib.import_module("diffusers.models.autoencoders.autoencoder_kl")
 
 
+def check_interval_meets_steps(args: argparse.Namespace) -> None:
+    """UserError when a guided DDPM-family run's ``--guidance-interval`` holds none of the timesteps its sampler
+    visits (between two of DDIM-50's steps, say): the run would silently sample unguided."""
+    if not args.guidance_interval or args.cfg_scale == 1:
+        return
+    lo, hi = args.guidance_interval
+    steps = model_timesteps(args.sampler, args.num_sampling_steps)
+    if not any(lo <= t <= hi for t in steps):
+        below, above = max((t for t in steps if t < lo), default=None), min((t for t in steps if t > hi), default=None)
+        near = " and ".join(str(t) for t in (below, above) if t is not None)
+        raise UserError(f"--guidance-interval {lo:g} {hi:g} holds none of the {len(steps)} timesteps "
+                        f"{args.sampler}-{args.num_sampling_steps} visits (the nearest: {near}); guidance would "
+                        "never apply: widen the interval or change --num-sampling-steps")
+
+
 def vae_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The VAE decodes in the sampling dtype where the device computes bf16 natively; elsewhere in fp32 (its
     convolutions would take PyTorch's slow bf16 loops; the DiT then widens each GEMM to fp32 instead)."""
@@ -358,6 +381,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
         model, vae, description, transport = load_networks(args, d)
+        if transport is None:
+            check_interval_meets_steps(args)
         preflight(args, model.config, vae, d)
         cache = parse_cache(args.cache, network_calls(args.sampler, args.num_sampling_steps, flow_options(args)))
         labels = class_labels(args, model.config.num_classes)

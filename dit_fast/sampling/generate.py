@@ -22,7 +22,16 @@ from tqdm import tqdm
 
 from dit_fast.cache import CachePolicy, parse_cache, step_cache
 from dit_fast.checkpoints import load_checkpoint
-from dit_fast.diffusion import FLOW_SAMPLERS, CFGModel, FlowSampler, Transport, create_diffusion, flow_nfe
+from dit_fast.diffusion import (
+    FLOW_SAMPLERS,
+    CFGModel,
+    FlowSampler,
+    Transport,
+    create_diffusion,
+    flow_nfe,
+    space_timesteps,
+)
+from dit_fast.diffusion.dpm_solver import dpm_solver_step_indices
 from dit_fast.models.cuda_graph import CUDAGraphRunner
 from dit_fast.models.dit import DiTFast
 from dit_fast.reference import check_labels
@@ -149,6 +158,15 @@ def check_sampler(sampler: str, transport: Transport | None) -> None:
         kind = "a flow" if transport is not None else "a DDPM"
         hint = f" ({sampler} is for {'DDPM' if transport is not None else 'flow'} models)" if sampler in other else ""
         raise ValueError(f"sampler {sampler!r} cannot sample {kind} model{hint}; choose one of {', '.join(family)}")
+
+
+def model_timesteps(sampler: str, num_steps: int, diffusion_steps: int = DIFFUSION_STEPS) -> list[int]:
+    """The timesteps (of the full ``diffusion_steps`` schedule) a DDPM-family sampler calls the network at, ascending:
+    the respaced steps of DDPM and DDIM, DPM-Solver++'s time grid."""
+    if sampler == "dpm++":
+        return sorted({int(i) for i in dpm_solver_step_indices(
+            create_diffusion("", diffusion_steps=diffusion_steps).alphas_cumprod, num_steps)})
+    return sorted(space_timesteps(diffusion_steps, str(num_steps)))
 
 
 def network_calls(sampler: str, num_steps: int, flow_options: dict[str, Any] | None = None) -> int:
