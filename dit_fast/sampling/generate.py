@@ -29,7 +29,6 @@ from dit_fast.diffusion import (
     Transport,
     create_diffusion,
     flow_nfe,
-    space_timesteps,
 )
 from dit_fast.diffusion.dpm_solver import dpm_solver_step_indices
 from dit_fast.models.cuda_graph import CUDAGraphRunner
@@ -161,12 +160,12 @@ def check_sampler(sampler: str, transport: Transport | None) -> None:
 
 
 def model_timesteps(sampler: str, num_steps: int, diffusion_steps: int = DIFFUSION_STEPS) -> list[int]:
-    """The timesteps (of the full ``diffusion_steps`` schedule) a DDPM-family sampler calls the network at, ascending:
-    the respaced steps of DDPM and DDIM, DPM-Solver++'s time grid."""
+    """The timesteps (of the full ``diffusion_steps`` schedule) a DDPM-family sampler calls the network at, ascending,
+    read from the diffusion ``sample_batch`` builds for it: the respaced steps of DDPM and DDIM, DPM-Solver++'s grid."""
     if sampler == "dpm++":
-        return sorted({int(i) for i in dpm_solver_step_indices(
-            create_diffusion("", diffusion_steps=diffusion_steps).alphas_cumprod, num_steps)})
-    return sorted(space_timesteps(diffusion_steps, str(num_steps)))
+        diffusion = create_diffusion("", diffusion_steps=diffusion_steps)
+        return sorted({diffusion.timestep_map[i] for i in dpm_solver_step_indices(diffusion.alphas_cumprod, num_steps)})
+    return sorted(create_diffusion(str(num_steps), diffusion_steps=diffusion_steps).timestep_map)
 
 
 def network_calls(sampler: str, num_steps: int, flow_options: dict[str, Any] | None = None) -> int:
