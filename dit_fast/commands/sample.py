@@ -19,7 +19,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import importlib
 import math
 import os
 import re
@@ -37,7 +36,7 @@ from dit_fast.kernels.registry import check_environment as check_kernels_environ
 from dit_fast.models.attention import check_environment as check_attention_environment
 from dit_fast.models.config import DiTConfig
 from dit_fast.models.fp8 import enable_fp8, fp8_unavailable_reason
-from dit_fast.models.vae import VAE
+from dit_fast.models.vae import VAE, import_autoencoder
 from dit_fast.reference import check_labels
 from dit_fast.sampling.generate import (
     DIFFUSION_STEPS,
@@ -247,8 +246,8 @@ def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, V
     patches (meta-device initialisation) that must not meet another thread's model construction."""
     dtype, why = inference_dtype(d.device, args.dtype)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="import-diffusers") as pool:
-        if args.vae:
-            pool.submit(_import_diffusers)
+        if args.vae:  # an ImportError stays in the future: the VAE's own check names the install
+            pool.submit(import_autoencoder)
         model, description, stored = load_model(args.ckpt, model_name=args.model, num_classes=args.num_classes,
                                                 impl=args.impl or "fast", device=d.device, num_heads=args.num_heads,
                                                 dtype=dtype)
@@ -273,11 +272,6 @@ def load_networks(args: argparse.Namespace, d: Dist) -> tuple[torch.nn.Module, V
     if args.compile:
         model.compile()
     return model, vae, description, transport
-
-
-def _import_diffusers() -> None:
-    with contextlib.suppress(ImportError):  # absent: the VAE's own check names the install
-        importlib.import_module("diffusers.models.autoencoders.autoencoder_kl")
 
 
 def check_interval_meets_steps(args: argparse.Namespace) -> None:

@@ -139,6 +139,14 @@ def _quiet_diffusers() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def import_autoencoder() -> type[torch.nn.Module]:
+    """diffusers' ``AutoencoderKL`` class. Importing it is most of a VAE's load (diffusers' package, ~2 s on a CPU),
+    so ``dit-fast sample`` calls this on a second thread while the DiT's weights load."""
+    from diffusers.models import AutoencoderKL
+
+    return AutoencoderKL
+
+
 def load_autoencoder(path: str | os.PathLike) -> torch.nn.Module:
     """diffusers ``AutoencoderKL`` from a local folder, loaded strictly (see the module docstring); eval mode."""
     if importlib.util.find_spec("diffusers") is None:
@@ -149,11 +157,10 @@ def load_autoencoder(path: str | os.PathLike) -> torch.nn.Module:
     if kind != VAE_CLASS:
         raise UserError(f"--vae {path} holds a {kind or 'model without _class_name'} (config.json), not an "
                         f"{VAE_CLASS}; pass the VAE's folder (e.g. {HF_VAE_IDS['ema']})")
-    from diffusers.models import AutoencoderKL
-
     try:
         with _quiet_diffusers():
-            model, info = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+            model, info = import_autoencoder().from_pretrained(str(folder), local_files_only=True,
+                                                               output_loading_info=True)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the VAE in {folder}: {first}") from None
