@@ -61,11 +61,9 @@ from benchmarks.impls import IMPLS as _IMPLS
 from dit_fast.kernels.linear import onednn_linear, onednn_supports
 from dit_fast.models.config import CONFIGS, DiTConfig, get_config, gflops
 from dit_fast.reference import DiT
-from dit_fast.utils.hardware import peak_flops
+from dit_fast.utils.hardware import DTYPES, peak_flops
 
 # -------------------------------------------------------------------------------------------------- run sizing
-
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Parity bound per dtype: norm-wise relative error against the fp32 reference (see ``parity_tolerance``).
 DTYPE_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}

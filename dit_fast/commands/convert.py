@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from dit_fast.checkpoints import FORMATS, CheckpointError, convert
 from dit_fast.commands.arguments import positive_int
 from dit_fast.models.config import CONFIGS, NUMERICS
 from dit_fast.utils.guard import Output, check_outputs
+from dit_fast.utils.hardware import DTYPES
 from dit_fast.utils.validation import check_output_dir, check_output_file
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _input_size_arg(text: str) -> int | tuple[int, int]:

@@ -6,7 +6,8 @@ torch.bfloat16)`` -> FLOP/s, or None on a CPU or an unlisted GPU. Peaks are dens
 print the sparse figure for tensor-core dtypes, which is twice the dense one.
 
 ``inference_dtype(device)`` decides what ``--dtype auto`` samples in: bf16 where the device has native bf16 GEMMs
-(CUDA sm_80+; CPUs with AVX512-BF16 or AMX), fp32 elsewhere, with the reason.
+(CUDA sm_80+; CPUs with AVX512-BF16 or AMX), fp32 elsewhere, with the reason. ``DTYPES``: the dtype names the
+command line and the benchmarks use.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
