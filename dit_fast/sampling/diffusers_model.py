@@ -39,7 +39,7 @@ def cast_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     bf16/fp16 forwards run on weights of that dtype with no per-step autocast. A ``DiTFast`` takes its own precision
     path, ``DiTFast.set_precision`` (bf16/fp16: an fp32 residual stream, and fp32 activations where the CPU has no
     bf16/fp16 GEMM; fp32/fp64 reset both), which leaves the train/eval mode and ``requires_grad`` as they are; the
-    reference ``DiT`` is cast as it is. Also called after a device move (the settings depend on the device)."""
+    reference ``DiT`` is cast as it is."""
     if isinstance(model, DiTFast):
         return model.set_precision(dtype)
     return model.to(dtype)
@@ -119,15 +119,15 @@ class DiffusersDiT(ModelMixin, ConfigMixin):
         self._last_t = now
 
     def to(self, *args: Any, **kwargs: Any) -> DiffusersDiT:
-        """``nn.Module.to``; a floating dtype goes through ``cast_for_inference``, and so does a device move (with
-        the weights' dtype: the bf16 settings depend on the device)."""
-        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
-        if (dtype is None and device is None) or (dtype is not None and not dtype.is_floating_point):
+        """``nn.Module.to``; a floating dtype goes through ``cast_for_inference``. (A device move needs nothing more:
+        ``DiTFast``'s own ``_apply`` re-derives its bf16 settings for the new device.)"""
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if dtype is None or not dtype.is_floating_point:
             return super().to(*args, **kwargs)
         kwargs.pop("dtype", None)
         args = tuple(a for a in args if not isinstance(a, torch.dtype))
         moved = super().to(*args, **kwargs) if args or kwargs else self
-        cast_for_inference(moved.model, dtype or next(moved.model.parameters()).dtype)
+        cast_for_inference(moved.model, dtype)
         moved._graphs = None  # a dtype-only cast skips _apply; the captures read the old weights
         return moved
 
